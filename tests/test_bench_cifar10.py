@@ -1,4 +1,5 @@
 """The CIFAR-10 evidence benchmark's smoke mode, on the bundled images."""
+import json
 import os
 import subprocess
 import sys
@@ -7,18 +8,30 @@ from conftest import MINI_DATA, REPO
 
 
 def test_quick_mode_trains_evaluates_and_reports(tmp_path):
+    script = os.path.join(REPO, 'benchmarks', 'cifar10.py')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    # The clean timing pass: each method alone, 2 epochs; the report then judges cost on it.
+    timing = subprocess.run([sys.executable, script, '--data-dir', MINI_DATA, '--timing', '--per-class', '10',
+                             '--methods', 'baseline', 'stpp', '--work-dir', str(tmp_path / 'work')],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert timing.returncode == 0, timing.stdout[-2000:] + timing.stderr[-2000:]
+    secs = json.loads((tmp_path / 'work' / 'runs_timing' / 'timing.json').read_text())
+    assert sorted(secs) == ['baseline', 'stpp'] and all(v > 0 for v in secs.values())
+
     out = tmp_path / 'cifar10.md'
-    cmd = [sys.executable, os.path.join(REPO, 'benchmarks', 'cifar10.py'), '--data-dir', MINI_DATA, '--quick',
-           '--work-dir', str(tmp_path / 'work'), '--out', str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    cmd = [sys.executable, script, '--data-dir', MINI_DATA, '--quick', '--work-dir', str(tmp_path / 'work'),
+           '--out', str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = out.read_text()
     assert '| baseline | `(none)` |' in text and '| stpp | `--stim-pp` |' in text
     assert 'evaluated on 200 test images' in text
+    ratio = secs['stpp'] / secs['baseline']
+    assert f'- ST++ time per epoch vs baseline (alone): {ratio:.2f}x' in text
     assert (tmp_path / 'cifar10_loafing.png').stat().st_size > 10_000
     runs = tmp_path / 'work' / 'runs_quick'
     assert sorted(os.listdir(runs)) == ['baseline-s0', 'stpp-s0']
+    assert (tmp_path / 'work' / 'runs_timing' / 'stpp-s0' / 'summary.csv').is_file()
     # A second invocation skips finished runs and reuses the cached panels.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and '[cifar10] start' not in again.stdout
