@@ -278,9 +278,11 @@ def evaluate(run_dirs: Dict[Tuple[str, int], str], data: str, eval_split: str,
     panel = list(dict.fromkeys(d for ds in sets.values() for d in ds))
     results: Dict[str, Dict[int, dict]] = {}
     rows_by_run = {}
+    train_images = count_images(os.path.join(data, 'train'))
+    images = os.path.basename(data).partition('_h')[2] if eval_split == 'holdout' else ''
+    cache_name = f'panel_{eval_split}{images}{"" if len(panel) > 3 else "_small"}.json'
     for (method, seed), run_dir in run_dirs.items():
-        images = os.path.basename(data).partition('_h')[2] if eval_split == 'holdout' else ''
-        cache = os.path.join(run_dir, f'panel_{eval_split}{images}{"" if len(panel) > 3 else "_small"}.json')
+        cache = os.path.join(run_dir, cache_name)
         if os.path.isfile(cache):
             rows = json.load(open(cache))
         else:
@@ -294,8 +296,7 @@ def evaluate(run_dirs: Dict[Tuple[str, int], str], data: str, eval_split: str,
         full = next(r['top1'] for r in rows if r['is_full'])
         last = summary_rows(run_dir)[-1]
         entry = {'full': full, 'wall_s': json.load(open(os.path.join(run_dir, 'wall_clock.json')))['wall_s'],
-                 'epoch_s': statistics.median(train_seconds_per_epoch(run_dir, count_images(
-                     os.path.join(data, 'train')))),
+                 'epoch_s': statistics.median(train_seconds_per_epoch(run_dir, train_images)),
                  'train_loss': float(last['train_loss']), 'train_kl': float(last['train_kl_loss'])}
         for key, ds in sets.items():
             entry[key] = statistics.mean(acc[d] for d in ds)
