@@ -46,7 +46,6 @@ anything is allocated (as ``MALLOC_MMAP_THRESHOLD_`` would): an allocator experi
 import argparse
 import ctypes
 import json
-import math
 import os
 import resource
 import statistics
@@ -161,10 +160,7 @@ def row_sides(row: str, size: int, model_multiple: int = 1) -> List[int]:
     opts = ROWS[row]
     if not opts.get('small_input'):
         return [size]
-    small = SmallInput(opts['small_input'], multiple=model_multiple)
-    low = max(1, math.ceil(small.min_scale * size - 1e-9))
-    m = small.multiple
-    return list(range(math.ceil(low / m) * m, size + 1, m)) or [size]
+    return list(SmallInput(opts['small_input'], multiple=model_multiple).sides(size))
 
 
 def expected_ideal(table: FlopTable, row: str, size: int) -> float:

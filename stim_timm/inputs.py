@@ -6,6 +6,7 @@ function of ``(seed, step, index)``.
 """
 import math
 import random
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +31,14 @@ class SmallInput:
         self.seed = int(seed)
         self.multiple = max(1, int(multiple))
 
-    def side(self, full_side: int, step: int, index: int = 0) -> int:
+    def sides(self, full_side: int) -> Sequence[int]:
+        """Every side ``side()`` can draw for ``full_side``, each equally likely."""
         m = self.multiple
         low = max(1, math.ceil(self.min_scale * full_side - 1e-9))
-        sides = range(math.ceil(low / m) * m, full_side + 1, m) or [full_side]
-        return random.Random(f'{self.seed}-{step}-{index}-size').choice(sides)
+        return range(math.ceil(low / m) * m, full_side + 1, m) or [full_side]
+
+    def side(self, full_side: int, step: int, index: int = 0) -> int:
+        return random.Random(f'{self.seed}-{step}-{index}-size').choice(self.sides(full_side))
 
     def __call__(self, x: torch.Tensor, step: int, index: int = 0) -> torch.Tensor:
         side = self.side(x.shape[-1], step, index)
