@@ -4,18 +4,23 @@ A rule is a tuple of *max drops* per stage; a sub-network drops ``0..max_drops[i
 blocks of stage ``i``, uniformly and independently per stage (as the original ST/ST++ code does).
 
 - ``'uniform'`` (ST): every stage keeps 1..n blocks.
-- ``'stpp'`` (ST++ inter-stage rule): the first and last stage stay whole; every inner stage keeps
-  at least ``min(3, n - 1)`` blocks. For ResNet-50 (3, 4, 6, 3) this is the original ``space3``,
-  max drops (0, 1, 3, 0); ``min(3, n - 1)`` makes every inner stage with 2+ blocks droppable, so every
-  registered model has at least two sub-networks. With fewer than 3 stages no stage is protected.
+- ``'stpp'`` (ST++ inter-stage rule), for any list of stage depths: the first stage stays whole
+  (low-level features) when there are 2+ stages, the last stage too when there are 4+ (the ImageNet
+  hierarchy, where it carries the semantics); every other stage keeps at least ``min(3, n - 1)`` of
+  its ``n`` blocks. ResNet-50 (3, 4, 6, 3) gets max drops (0, 1, 3, 0): exactly the authors'
+  ``space3``. A 3-stage CIFAR ResNet-20 (3, 3, 3) gets (0, 1, 1), three proper sub-networks; a
+  single-stage 12-block ViT gets (9,), nine.
 - ``"0,1,3,0"``: explicit max drops per stage.
+
+Every rule also respects the model's minimum depths (``stage_min_depths``: blocks with a
+downsample, projection or no skip are never dropped).
 
 ``sample(step)`` is a pure function of ``(seed, step, index)``: every DDP rank, and a resumed run,
 draws the same sub-network for the same step.
 """
 import itertools
 import random
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 Depths = Tuple[int, ...]
 
@@ -23,18 +28,24 @@ __all__ = ['SubnetSampler', 'rule_max_drops']
 
 
 def _stpp_drops(stage_depths: Sequence[int]) -> Depths:
-    last = len(stage_depths) - 1
-    protected = {0, last} if len(stage_depths) >= 3 else set()
+    num = len(stage_depths)
+    protected = ({0} if num >= 2 else set()) | ({num - 1} if num >= 4 else set())
     return tuple(0 if i in protected else n - min(3, n - 1) for i, n in enumerate(stage_depths))
 
 
-def rule_max_drops(stage_depths: Sequence[int], rule: Union[str, Sequence[int]]) -> Depths:
-    """Max drops per stage for ``rule``; ValueError naming the stage and its limit if impossible."""
+def rule_max_drops(stage_depths: Sequence[int], rule: Union[str, Sequence[int]],
+                   min_depths: Optional[Sequence[int]] = None) -> Depths:
+    """Max drops per stage for ``rule``; ValueError naming the stage and its limit if impossible.
+
+    ``min_depths``: blocks each stage must keep (default 1); named rules are clipped to them, an
+    explicit rule that asks for more is an error.
+    """
     stage_depths = tuple(int(n) for n in stage_depths)
+    limits = tuple(n - int(lo) for n, lo in zip(stage_depths, min_depths or (1,) * len(stage_depths)))
     if isinstance(rule, str) and rule == 'uniform':
-        drops = tuple(n - 1 for n in stage_depths)
+        drops = limits
     elif isinstance(rule, str) and rule == 'stpp':
-        drops = _stpp_drops(stage_depths)
+        drops = tuple(min(d, lim) for d, lim in zip(_stpp_drops(stage_depths), limits))
     else:
         if isinstance(rule, str):
             try:
@@ -46,11 +57,11 @@ def rule_max_drops(stage_depths: Sequence[int], rule: Union[str, Sequence[int]])
         if len(drops) != len(stage_depths):
             raise ValueError(f'sampling rule {drops} names {len(drops)} stages, the model has '
                              f'{len(stage_depths)} {stage_depths}')
-        for i, (d, n) in enumerate(zip(drops, stage_depths)):
+        for i, (d, n, lim) in enumerate(zip(drops, stage_depths, limits)):
             if d < 0:
                 raise ValueError(f'sampling rule: stage {i} has negative max drops {d}')
-            if d > n - 1:
-                raise ValueError(f'sampling rule: stage {i} may drop at most {n - 1} of its {n} blocks, '
+            if d > lim:
+                raise ValueError(f'sampling rule: stage {i} may drop at most {lim} of its {n} blocks, '
                                  f'rule asks for {d}')
     if not any(drops):
         raise ValueError(f'sampling rule {rule!r} leaves only the full network {stage_depths}: '
@@ -65,13 +76,20 @@ class SubnetSampler:
         stage_depths: blocks per stage of the full network, e.g. ``model.stage_depths``.
         rule: ``'uniform'``, ``'stpp'`` or max drops per stage (``"0,1,3,0"`` or a sequence).
         seed: run seed; together with the step it fixes every draw.
+        min_depths: blocks each stage must keep, e.g. ``model.stage_min_depths`` (default 1).
     """
 
-    def __init__(self, stage_depths: Sequence[int], rule: Union[str, Sequence[int]] = 'uniform', seed: int = 0):
+    def __init__(self, stage_depths: Sequence[int], rule: Union[str, Sequence[int]] = 'uniform', seed: int = 0,
+                 min_depths: Optional[Sequence[int]] = None):
         self.stage_depths: Depths = tuple(int(n) for n in stage_depths)
         self.rule = rule if isinstance(rule, str) else ','.join(str(int(v)) for v in rule)
-        self.max_drops: Depths = rule_max_drops(self.stage_depths, rule)
+        self.max_drops: Depths = rule_max_drops(self.stage_depths, rule, min_depths)
         self.seed = int(seed)
+
+    @classmethod
+    def for_model(cls, model, rule: Union[str, Sequence[int]] = 'uniform', seed: int = 0) -> 'SubnetSampler':
+        """The sampler over a stimulative model's stages (its minimum depths respected)."""
+        return cls(model.stage_depths, rule, seed, min_depths=getattr(model, 'stage_min_depths', None))
 
     def _rng(self, *key: int) -> random.Random:
         return random.Random('-'.join(str(k) for k in (self.seed, *key)))

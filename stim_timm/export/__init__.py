@@ -2,16 +2,20 @@
 
 Stimulative training makes every sub-network usable on its own, so one trained model yields a
 family of shallower models. ``export_subnet`` builds the base timm architecture with fewer blocks
-(a ``ResNet`` with ``layers=depths``, a ``VisionTransformer`` with ``depth=sum(depths)``) and copies
-the kept blocks' weights into it; the result needs no plugin and costs only what it computes.
+and copies the kept blocks' weights into it; the result needs no plugin and costs only what it
+computes. Where timm's config can express per-stage depths, per family:
+
+- ResNet / ResNeXt / WRN / ResNet-D, ResNetV2 and the CIFAR ResNets: ``layers``;
+- ConvNeXt, Swin: ``depths``;
+- ViT / DeiT / DeiT-III / EVA (one stage): ``depth``;
+- RegNet (depths derived from its width/depth formula) and EfficientNet / MobileNetV3 (depths
+  inside the block-definition strings): not expressible, ``export_subnet`` says so in one line.
 
 ``save_plain_model`` writes it with timm's ``save_for_hf``: ``model.safetensors`` plus a
 ``config.json`` naming the base architecture and the ``model_args`` that rebuild it, so
-``timm.create_model('local-dir:DIR', pretrained=True)`` (or ``'hf-hub:ORG/NAME'``) loads it.
-
-The CIFAR ResNets are the exception: timm has no ResNet argument for their 3x3 stride-1 stem
-without max-pool, so they are exported as ``stim_resnet*_cifar`` (a timm ``ResNet`` subclass) with
-``layers=depths``, and loading them needs ``import stim_timm`` first. ``needs_plugin`` says so.
+``timm.create_model('local-dir:DIR', pretrained=True)`` (or ``'hf-hub:ORG/NAME'``) loads it. The
+CIFAR ResNets are this plugin's own architecture, so loading them needs ``import stim_timm``;
+``needs_plugin`` says so.
 
 CLI::
 
@@ -27,9 +31,9 @@ import timm
 import torch
 import torch.nn as nn
 from timm.data import resolve_data_config
-from timm.models import PretrainedCfg, get_model_args, save_for_hf
+from timm.models import PretrainedCfg, get_model_args, model_entrypoint, save_for_hf
 
-from ..models.subnet import StimSequential, get_stim_model, validate_depths
+from ..models.subnet import get_stim_model, validate_depths
 
 __all__ = ['export_subnet', 'plain_architecture', 'needs_plugin', 'save_plain_model', 'run_data_config',
            'parse_depths', 'main']
@@ -40,30 +44,33 @@ _SOURCE_KEYS = ('url', 'file', 'state_dict', 'hf_hub_id', 'hf_hub_filename', 'so
 _DATA_ARGS = ('input_size', 'img_size', 'in_chans', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 
 
+# The constructor argument that sets blocks per stage, by architecture class.
+_DEPTH_ARGS = {'ResNet': 'layers', 'CifarResNet': 'layers', 'ResNetV2': 'layers', 'ConvNeXt': 'depths',
+               'SwinTransformer': 'depths', 'VisionTransformer': 'depth', 'Eva': 'depth'}
+
+
 def plain_architecture(model: nn.Module) -> str:
-    """The timm architecture the exported weights load into: the base (``resnet50``) when timm has
-    it, else the stim model itself (the CIFAR ResNets, whose 3x3 stem timm's ResNet cannot express)."""
+    """The timm architecture the exported weights load into (``resnet50`` for ``stim_resnet50``)."""
     stim = get_stim_model(model)
-    base = getattr(stim, 'stim_base_arch', None)
-    if base and timm.is_model(base):
-        return base
-    return stim.pretrained_cfg['architecture'].split('.')[0]
+    base = stim.stim_base_arch or (getattr(stim, 'pretrained_cfg', None) or {}).get('architecture')
+    if not base or not timm.is_model(base):
+        raise ValueError(f'{type(stim).__name__} names no registered timm architecture to export to')
+    return base
 
 
 def needs_plugin(model: nn.Module) -> bool:
-    """Whether loading the export needs ``import stim_timm`` (only when no plain timm model fits)."""
-    return plain_architecture(model).startswith('stim_')
+    """Whether loading the export needs ``import stim_timm`` (the architecture is this plugin's own)."""
+    return model_entrypoint(plain_architecture(model)).__module__.startswith('stim_timm')
 
 
 def _plain_kwargs(stim: nn.Module, depths: Tuple[int, ...]) -> Dict[str, Any]:
-    """Reconstruction arguments of the plain model: the stim model's own minus the plugin's."""
-    kwargs = {k: v for k, v in get_model_args(stim).items()
-              if not k.startswith('stim_') and k not in ('cifar_stem', 'pretrained_model_args')}
-    if hasattr(stim, 'blocks') and isinstance(stim.blocks, StimSequential):  # ViT: one block list
-        kwargs['depth'] = sum(depths)
-        kwargs['dynamic_img_size'] = bool(getattr(stim, 'dynamic_img_size', False))
-    else:
-        kwargs['layers'] = list(depths)
+    """Reconstruction arguments of the plain model: the model's own plus its depth argument."""
+    arg = _DEPTH_ARGS.get(type(stim).__name__)
+    if arg is None:
+        raise ValueError(f"{type(stim).__name__} cannot be exported with fewer blocks: timm's config has no "
+                         f"per-stage depth argument for it (supported: {', '.join(sorted(_DEPTH_ARGS))})")
+    kwargs = get_model_args(stim)
+    kwargs[arg] = depths[0] if arg == 'depth' else list(depths)
     return kwargs
 
 
@@ -79,29 +86,9 @@ def _plain_cfg(stim: nn.Module, arch: str) -> Dict[str, Any]:
 
 
 def _kept_state_dict(stim: nn.Module, depths: Tuple[int, ...]) -> Dict[str, torch.Tensor]:
-    """The stim state_dict restricted to the kept blocks, renumbered as the shallower model's.
-
-    Within each StimSequential the kept blocks become ``0..k-1`` (for a ResNet stage this is the
-    identity, for a ViT's single block list the later groups shift down).
-    """
-    renames: Dict[str, Optional[str]] = {}  # 'blocks.7.' -> 'blocks.5.' or None (dropped)
-    with stim.subnet(depths):
-        for cname, container in stim.named_modules():
-            if not isinstance(container, StimSequential):
-                continue
-            kept = {id(b): i for i, b in enumerate(container.active_blocks())}
-            for idx, block in enumerate(container):
-                new = kept.get(id(block))
-                prefix = f'{cname}.' if cname else ''
-                renames[f'{prefix}{idx}.'] = None if new is None else f'{prefix}{new}.'
-    out = {}
-    for key, value in stim.state_dict().items():
-        match = next((old for old in renames if key.startswith(old)), None)
-        if match is None:
-            out[key] = value
-        elif renames[match] is not None:
-            out[renames[match] + key[len(match):]] = value
-    return out
+    """The state_dict without the dropped blocks. Trailing blocks go, so kept ones keep their keys."""
+    dropped = tuple(f'{name}.' for stage, keep in zip(stim.stim_stages, depths) for name in stage[keep:])
+    return {k: v for k, v in stim.state_dict().items() if not k.startswith(dropped)}
 
 
 def export_subnet(model: nn.Module, depths: Optional[Sequence[int]] = None) -> nn.Module:
@@ -111,7 +98,8 @@ def export_subnet(model: nn.Module, depths: Optional[Sequence[int]] = None) -> n
     modified; the result is a separate model (same device, dtype and train/eval mode).
     """
     stim = get_stim_model(model)
-    depths = validate_depths(depths if depths is not None else stim.stage_depths, stim.stage_depths)
+    depths = validate_depths(depths if depths is not None else stim.stage_depths, stim.stage_depths,
+                             stim.stage_min_depths)
     arch = plain_architecture(stim)
     plain = timm.create_model(arch, pretrained=False, pretrained_cfg=_plain_cfg(stim, arch),
                               **_plain_kwargs(stim, depths))
@@ -148,7 +136,7 @@ def parse_depths(text: str) -> Tuple[int, ...]:
 def _export_card(arch: str, depths: Tuple[int, ...], full: Tuple[int, ...], source: str, params: int,
                  plugin: bool, repo_id: Optional[str]) -> str:
     """A short README.md: what was exported and how to load it."""
-    imports = 'import stim_timm  # registers the CIFAR ResNets with timm\nimport timm' if plugin else 'import timm'
+    imports = 'import stim_timm  # registers this architecture with timm\nimport timm' if plugin else 'import timm'
     where = f"'hf-hub:{repo_id}'" if repo_id else "'local-dir:/path/to/this/folder'"
     return (
         '---\ntags:\n- image-classification\n- timm\n- stimulative-training\nlibrary_name: timm\n'
@@ -158,7 +146,7 @@ def _export_card(arch: str, depths: Tuple[int, ...], full: Tuple[int, ...], sour
         f'the first {list(depths)} blocks of the stages {list(full)} ({sum(depths)} of {sum(full)} blocks, '
         f'{params / 1e6:.2f}M parameters). In eval mode its outputs equal those of the sub-network of the '
         f'trained model.\n\n'
-        + ('`import stim_timm` is needed: timm has no ResNet with the 3x3, stride-1 CIFAR stem.\n\n' if plugin
+        + ('`import stim_timm` is needed: the architecture is registered by stim-timm.\n\n' if plugin
            else 'Loading needs timm only.\n\n')
         + f'```python\n{imports}\nmodel = timm.create_model({where}, pretrained=True).eval()\n```\n')
 

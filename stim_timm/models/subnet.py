@@ -1,132 +1,260 @@
-"""The one sub-network mechanism shared by every stim model.
+"""The one sub-network mechanism: any residual timm model becomes stimulative in place.
 
-A stim model groups its residual blocks into *stages*. A sub-network keeps the first ``depths[i]``
-blocks of stage ``i``; the other blocks are simply not called, so a shallower sub-network really
-costs less. Nothing is added to the state_dict: a stim model saves and loads exactly like its base.
+``make_stimulative(model)`` finds the *stages* of a timm model (lists of residual blocks) and gives
+every droppable block a pass-through switch: a block outside the active sub-network returns its
+input unchanged and runs nothing. The model keeps its class, its modules and its ``state_dict``
+keys; everything that calls the blocks (``forward_features``, ``forward_intermediates``, timm's
+``checkpoint_seq``, feature wrappers) sees the selected sub-network because the switch sits in the
+block itself, not in the loop over blocks.
+
+A sub-network is given as *depths*, the blocks kept per stage: stage ``i`` runs its first
+``depths[i]`` blocks (trailing blocks are dropped, as in the ST papers). A block may be dropped only
+if it keeps the shape of its input (identity shortcut); a stage always keeps its first block and
+every block with a downsample / projection / no skip, which ``stage_min_depths`` records.
+
+For ``torch.compile`` use ``compile_stimulative(model)``: it compiles every block and the other
+top-level modules separately, so switching sub-networks (or input sizes, after one dynamic-shape
+recompile) never recompiles. Compiling the whole model traces the switches into one graph and
+recompiles for every new sub-network.
 """
+import copy
+import functools
+import re
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    'StimSequential', 'SubnetMixin', 'get_stim_model', 'is_stim_model', 'frozen_bn_stats',
-    'validate_depths',
+    'make_stimulative', 'is_stim_model', 'get_stim_model', 'validate_depths', 'frozen_bn_stats',
+    'compile_stimulative', 'find_stages', 'SUPPORTED_FAMILIES',
 ]
 
+Depths = Tuple[int, ...]
 
-class StimSequential(nn.Sequential):
-    """An ``nn.Sequential`` split into consecutive groups, each running only a prefix of its blocks.
+SUPPORTED_FAMILIES = ('ResNet/ResNeXt/WRN/ResNet-D (+ the CIFAR ResNets)', 'ResNetV2', 'ConvNeXt', 'RegNet',
+                      'EfficientNet/MobileNetV3', 'Swin', 'ViT/DeiT/DeiT-III/EVA')
 
-    A ResNet stage is one group; a ViT's ``blocks`` are several. Keys and children are those of the
-    plain Sequential it replaces, so checkpoints are interchangeable.
-    """
+# Transformer blocks are residual by construction (x + f(x) around attention and MLP).
+_RESIDUAL_BLOCK_MODULES = ('timm.models.vision_transformer', 'timm.models.eva', 'timm.models.swin_transformer',
+                           'timm.models.deit')
 
-    def __init__(self, *modules: nn.Module, group_sizes: Optional[Sequence[int]] = None):
-        super().__init__(*modules)
-        self.group_sizes: Tuple[int, ...] = tuple(group_sizes) if group_sizes else (len(self),)
-        if sum(self.group_sizes) != len(self) or min(self.group_sizes) < 1:
-            raise ValueError(f'group sizes {self.group_sizes} do not partition {len(self)} blocks')
-        self._active: Optional[List[int]] = None  # block indices to run; None = all
-        self.grad_checkpointing = False
 
-    def set_depths(self, depths: Optional[Sequence[int]]) -> None:
-        if depths is None or tuple(depths) == self.group_sizes:
-            self._active = None
-            return
-        active, start = [], 0
-        for size, keep in zip(self.group_sizes, depths):
-            active.extend(range(start, start + keep))
-            start += size
-        self._active = active
+# -- finding the stages --------------------------------------------------------------------------
+def _numbered(model: nn.Module, pattern: str) -> List[Tuple[str, nn.Module]]:
+    """Children named like ``layer1, layer2 …`` (``pattern`` with one number group), in order."""
+    found = [(int(m.group(1)), n, c) for n, c in model.named_children() if (m := re.fullmatch(pattern, n))]
+    return [(n, c) for _, n, c in sorted(found)]
 
-    def active_blocks(self) -> List[nn.Module]:
-        blocks = list(self._modules.values())
-        return blocks if self._active is None else [blocks[i] for i in self._active]
 
-    def forward(self, x, **kwargs):
-        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
-        for block in self.active_blocks():
-            if use_ckpt:
-                x = checkpoint(block, x, use_reentrant=False, **kwargs)
-            else:
-                x = block(x, **kwargs)
+def _stages_of(model: nn.Module) -> Optional[List[List[str]]]:
+    """Block names per stage for the timm layouts we know, relative to ``model``; None if unknown."""
+    def children(prefix: str, container: nn.Module) -> List[str]:
+        return [f'{prefix}.{n}' for n, _ in container.named_children()]
+
+    # ResNetV2, ConvNeXt (stages[i].blocks), Swin (layers[i].blocks), and feature wrappers that
+    # flattened them into stages_0, stages_1 …
+    for attr in ('stages', 'layers'):
+        seq = getattr(model, attr, None)
+        if isinstance(seq, (nn.Sequential, nn.ModuleList)) and len(seq) and \
+                all(isinstance(getattr(s, 'blocks', None), nn.Sequential) for s in seq):
+            return [children(f'{attr}.{i}.blocks', s.blocks) for i, s in enumerate(seq)]
+        flat = _numbered(model, attr + r'_(\d+)')
+        if flat and all(isinstance(getattr(s, 'blocks', None), nn.Sequential) for _, s in flat):
+            return [children(f'{n}.blocks', s.blocks) for n, s in flat]
+    # ResNet (layer1 … layerN), RegNet (s1 … s4): each stage is a container of blocks.
+    for pattern in (r'layer(\d+)', r's(\d+)'):
+        numbered = _numbered(model, pattern)
+        if numbered and all(len(list(c.children())) for _, c in numbered):
+            return [children(n, c) for n, c in numbered]
+    blocks = getattr(model, 'blocks', None)
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):
+        if all(isinstance(b, nn.Sequential) for b in blocks):  # EfficientNet / MobileNetV3 stages
+            return [children(f'blocks.{i}', s) for i, s in enumerate(blocks)]
+        return [children('blocks', blocks)]  # ViT / DeiT / EVA: one stage of blocks
+    inner = getattr(model, 'model', None)  # timm's FeatureGetterNet wraps the model
+    if isinstance(inner, nn.Module):
+        found = _stages_of(inner)
+        return None if found is None else [[f'model.{n}' for n in stage] for stage in found]
+    return None
+
+
+def find_stages(model: nn.Module) -> List[List[str]]:
+    """Qualified block names per stage of a timm model, or a ValueError naming the families we know."""
+    stages = _stages_of(model)
+    if not stages:
+        raise ValueError(f'cannot find residual stages in {type(model).__name__}; supported families: '
+                         f'{", ".join(SUPPORTED_FAMILIES)}; or pass stages= explicitly')
+    return stages
+
+
+def _keeps_shape(block: nn.Module) -> bool:
+    """Whether ``block`` has an identity shortcut, so passing its input through is well-formed."""
+    if hasattr(block, 'has_skip'):  # EfficientNet / MobileNetV3 blocks
+        return bool(block.has_skip)
+    for attr in ('downsample', 'shortcut'):  # ResNet, ResNetV2, RegNet / ConvNeXt
+        if hasattr(block, attr):
+            sc = getattr(block, attr)
+            return sc is None or isinstance(sc, nn.Identity)
+    return type(block).__module__ in _RESIDUAL_BLOCK_MODULES
+
+
+def _min_depth(blocks: Sequence[nn.Module]) -> int:
+    """Blocks a stage must keep: its first, and up to its last block that cannot be dropped."""
+    keep = 1
+    for i, block in enumerate(blocks):
+        if i and not _keeps_shape(block):
+            keep = i + 1
+    return keep
+
+
+# -- the switch ------------------------------------------------------------------------------------
+def _switched_forward(block: nn.Module, x, *args, **kwargs):
+    """A block's forward with the pass-through switch in front of its class's own forward."""
+    if block.stim_skip:
         return x
+    return type(block).forward(block, x, *args, **kwargs)
 
 
-def validate_depths(depths: Sequence[int], stage_depths: Sequence[int]) -> Tuple[int, ...]:
-    """Check a sub-network against the stage layout; errors name the stage and its limit."""
+def _install_switch(block: nn.Module) -> None:
+    if 'forward' in block.__dict__:
+        raise ValueError(f'{type(block).__name__} already has an instance-level forward; '
+                         f'it cannot be made skippable')
+    block.stim_skip = False
+    block.forward = functools.partial(_switched_forward, block)
+
+
+def validate_depths(depths: Sequence[int], stage_depths: Sequence[int],
+                    min_depths: Optional[Sequence[int]] = None) -> Depths:
+    """Check a sub-network against the stage layout; errors name the stage and its limits."""
     depths = tuple(int(d) for d in depths)
     if len(depths) != len(stage_depths):
         raise ValueError(f'sub-network {depths} has {len(depths)} stages, the model has '
                          f'{len(stage_depths)} {tuple(stage_depths)}')
-    for i, (d, n) in enumerate(zip(depths, stage_depths)):
-        if not 1 <= d <= n:
-            raise ValueError(f'stage {i} keeps {d} blocks, it must keep between 1 and {n}')
+    min_depths = tuple(min_depths) if min_depths is not None else (1,) * len(stage_depths)
+    for i, (d, n, lo) in enumerate(zip(depths, stage_depths, min_depths)):
+        if not lo <= d <= n:
+            raise ValueError(f'stage {i} keeps {d} blocks, it must keep between {lo} and {n}')
     return depths
 
 
-class SubnetMixin:
-    """Adds ``stage_depths``, ``set_subnet`` and ``subnet()`` to a timm model holding StimSequentials.
+# -- what a stimulative model gains (bound to the instance by make_stimulative) ---------------
+def _blocks(model: nn.Module) -> List[List[nn.Module]]:
+    return [[model.get_submodule(n) for n in stage] for stage in model.stim_stages]
 
-    ``stim_base_arch`` names the plain timm architecture the model is an instance of (``resnet50``):
-    exported and published checkpoints point at it so they load without this plugin.
+
+def _set_subnet(model: nn.Module, depths: Optional[Sequence[int]]) -> None:
+    """Select a sub-network (blocks kept per stage), or the full network with ``None``."""
+    if depths is not None:
+        depths = validate_depths(depths, model.stage_depths, model.stage_min_depths)
+        if depths == model.stage_depths:
+            depths = None
+    for i, stage in enumerate(_blocks(model)):
+        keep = len(stage) if depths is None else depths[i]
+        for j, block in enumerate(stage):
+            block.stim_skip = j >= keep
+    model.current_subnet = depths
+
+
+@contextmanager
+def _subnet(model: nn.Module, depths: Optional[Sequence[int]]) -> Iterator[nn.Module]:
+    """``with model.subnet((3, 3, 3, 3)): y = model(x)`` — restores the previous selection."""
+    previous = model.current_subnet
+    _set_subnet(model, depths)
+    try:
+        yield model
+    finally:
+        _set_subnet(model, previous)
+
+
+def _skipped_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Parameters of the blocks the current sub-network does not run."""
+    for stage in _blocks(model):
+        for block in stage:
+            if block.stim_skip:
+                yield from block.parameters()
+
+
+def _prepare_scriptable(model: nn.Module) -> nn.Module:
+    """``torch.jit.script`` hook: script a copy of the *selected* network, switches removed
+    (TorchScript compiles class forwards; skipped blocks become ``nn.Identity``)."""
+    clone = copy.deepcopy(model)
+    for stage in _blocks(clone):
+        for block in stage:
+            skip = block.stim_skip
+            del block.forward, block.stim_skip
+            if skip:
+                name = next(n for n, m in clone.named_modules() if m is block)
+                parent, _, child = name.rpartition('.')
+                setattr(clone.get_submodule(parent) if parent else clone, child, nn.Identity())
+    for attr in _BOUND:
+        clone.__dict__.pop(attr, None)
+    return clone
+
+
+_BOUND: Dict[str, Callable] = {
+    'set_subnet': _set_subnet, 'subnet': _subnet, 'skipped_parameters': _skipped_parameters,
+    '__prepare_scriptable__': _prepare_scriptable,
+}
+
+
+def _input_multiple(model: nn.Module) -> int:
+    """Side multiple of sub-network inputs: 1 for CNNs, the patch size for a ViT built with a
+    dynamic image size, 0 (full size only) for transformers fixed to one grid."""
+    patch_embed = getattr(model, 'patch_embed', None) or getattr(getattr(model, 'model', None), 'patch_embed', None)
+    if patch_embed is None:
+        return 1
+    dynamic = getattr(model, 'dynamic_img_size', getattr(getattr(model, 'model', None), 'dynamic_img_size', False))
+    return int(patch_embed.patch_size[0]) if dynamic else 0
+
+
+def make_stimulative(model: nn.Module, stages: Optional[Sequence[Sequence[str]]] = None,
+                     base_arch: Optional[str] = None) -> nn.Module:
+    """Make ``model`` stimulative in place and return it.
+
+    Args:
+        model: a timm model of a supported family (see ``SUPPORTED_FAMILIES``), or any model when
+            ``stages`` is given.
+        stages: block names per stage (as in ``named_modules``), to override or extend the search;
+            every named block must keep the shape of its input except each stage's leading ones.
+        base_arch: the plain timm architecture, recorded for export and publishing; default: the
+            model's ``pretrained_cfg['architecture']``.
+
+    Afterwards the model has ``stage_depths``, ``stage_min_depths``, ``stim_stages``,
+    ``current_subnet``, ``set_subnet(depths)``, the ``subnet(depths)`` context manager and
+    ``skipped_parameters()``. Calling it again on a stimulative model returns it unchanged.
     """
-    stim_base_arch: Optional[str] = None
-    stim_input_multiple: int = 1  # smaller sub-network inputs keep sides a multiple of this
-
-    def _stim_containers(self) -> List[StimSequential]:
-        return [m for m in self.modules() if isinstance(m, StimSequential)]
-
-    @property
-    def stage_depths(self) -> Tuple[int, ...]:
-        return tuple(s for c in self._stim_containers() for s in c.group_sizes)
-
-    @property
-    def current_subnet(self) -> Optional[Tuple[int, ...]]:
-        return getattr(self, '_stim_subnet', None)
-
-    def set_subnet(self, depths: Optional[Sequence[int]]) -> None:
-        """Select a sub-network (blocks kept per stage), or the full network with ``None``."""
-        containers = self._stim_containers()
-        if depths is not None:
-            depths = validate_depths(depths, self.stage_depths)
-            if depths == self.stage_depths:
-                depths = None
-        self._stim_subnet = depths
-        start = 0
-        for c in containers:
-            n = len(c.group_sizes)
-            c.set_depths(None if depths is None else depths[start:start + n])
-            start += n
-
-    @contextmanager
-    def subnet(self, depths: Optional[Sequence[int]]) -> Iterator[nn.Module]:
-        """``with model.subnet((3, 3, 3, 3)): y = model(x)`` — restores the previous selection."""
-        previous = self.current_subnet
-        self.set_subnet(depths)
-        try:
-            yield self
-        finally:
-            self.set_subnet(previous)
-
-    def skipped_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the blocks the current sub-network does not call."""
-        for c in self._stim_containers():
-            active = set(map(id, c.active_blocks()))
-            for block in c:
-                if id(block) not in active:
-                    yield from block.parameters()
-
-    def _set_stim_grad_checkpointing(self, enable: bool) -> None:
-        for c in self._stim_containers():
-            c.grad_checkpointing = enable
+    if is_stim_model(model) and stages is None:
+        return model
+    names = [list(s) for s in stages] if stages is not None else find_stages(model)
+    if not names or any(not s for s in names):
+        raise ValueError(f'stages must be non-empty lists of block names, got {names}')
+    try:
+        blocks = [[model.get_submodule(n) for n in stage] for stage in names]
+    except AttributeError as e:
+        raise ValueError(f'stages name a block the model does not have: {e}') from None
+    min_depths = tuple(_min_depth(s) for s in blocks)
+    if all(lo == len(s) for lo, s in zip(min_depths, blocks)):
+        raise ValueError(f'{type(model).__name__} has no droppable residual block (each stage keeps only '
+                         f'blocks with a downsample, projection or no skip)')
+    for stage in blocks:
+        for block in stage:
+            _install_switch(block)
+    model.stim_stages = tuple(tuple(s) for s in names)
+    model.stage_depths = tuple(len(s) for s in blocks)
+    model.stage_min_depths = min_depths
+    model.current_subnet = None
+    model.stim_input_multiple = _input_multiple(model)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    model.stim_base_arch = base_arch or cfg.get('architecture')
+    for attr, fn in _BOUND.items():
+        setattr(model, attr, functools.partial(fn, model))
+    return model
 
 
 def is_stim_model(model: nn.Module) -> bool:
-    return isinstance(_unwrap(model), SubnetMixin)
+    return hasattr(_unwrap(model), 'stim_stages')
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -141,14 +269,32 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def get_stim_model(model: nn.Module) -> SubnetMixin:
-    """The stim model inside ``model`` (DDP / compiled / EMA wrappers allowed), or a clear error."""
+def get_stim_model(model: nn.Module) -> nn.Module:
+    """The stimulative model inside ``model`` (DDP / compiled / EMA wrappers allowed), or a clear error."""
     inner = _unwrap(model)
-    if not isinstance(inner, SubnetMixin):
-        name = getattr(getattr(inner, 'pretrained_cfg', None) or {}, 'get', lambda *_: None)('architecture')
-        raise TypeError(f'{name or type(inner).__name__} has no skippable residual stages; '
-                        f'create it as a stim_* model (see stim_timm.list_stim_models())')
+    if not hasattr(inner, 'stim_stages'):
+        cfg = getattr(inner, 'pretrained_cfg', None) or {}
+        raise TypeError(f"{cfg.get('architecture') or type(inner).__name__} is not stimulative; "
+                        f'call stim_timm.make_stimulative(model) first')
     return inner
+
+
+def compile_stimulative(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` a stimulative model in place, block by block, so no sub-network recompiles.
+
+    Every stage block and every other top-level module is compiled on its own (``nn.Module.compile``);
+    the Python loop over blocks and the pass-through switches stay outside the graphs. Returns the
+    model (its class, keys and sub-network API unchanged).
+    """
+    stim = get_stim_model(model)
+    blocks = {n for stage in stim.stim_stages for n in stage}
+    holders = {n.rsplit('.', k)[0] for n in blocks for k in range(1, n.count('.') + 1)} | {''}
+    for name, module in stim.named_modules():
+        parent = name.rpartition('.')[0] if '.' in name else ''
+        if name in blocks or (name and name not in holders and parent in holders and parent not in blocks
+                              and any(True for _ in module.parameters())):
+            module.compile(**compile_kwargs)
+    return model
 
 
 @contextmanager
