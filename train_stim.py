@@ -84,7 +84,7 @@ def setup(args) -> SimpleNamespace:
     task = StimTask(model, train_loss(args).to(device), device=device, dtype=args.torch_model_dtype,
                     verbose=verbose, **opts) if is_stim else \
         ClassificationTask(model, train_loss(args).to(device), device=device, verbose=verbose)
-    panel = SubnetSampler(model.stage_depths, opts.get('rule', 'uniform')).panel(args.stim_eval_subnets) \
+    panel = SubnetSampler.for_model(model, opts.get('rule', 'uniform')).panel(args.stim_eval_subnets) \
         if is_stim else []
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16

@@ -42,22 +42,24 @@ CSV_FIELDS = ('checkpoint', 'model', 'depths', 'blocks_kept', 'total_blocks', 'r
 
 # ----------------------------------------------------------------------------------------------- panel
 
-def default_panel(stage_depths: Sequence[int], num: int = 20, seed: int = 0) -> List[Depths]:
+def default_panel(stage_depths: Sequence[int], num: int = 20, seed: int = 0,
+                  min_depths: Optional[Sequence[int]] = None) -> List[Depths]:
     """A fixed panel of ``num`` proper sub-networks (keep 1..n blocks per stage), chosen to span
     the whole cost range: the smallest, the largest proper one, one per depth level (total blocks
     kept; evenly spaced levels if ``num`` is short), then random others. Pure function of its args,
     so checkpoints of one architecture are always compared on the same sub-networks.
     """
     full = tuple(int(n) for n in stage_depths)
-    if num <= 0 or sum(full) == len(full):
+    lowest = tuple(min_depths) if min_depths is not None else (1,) * len(full)
+    if num <= 0 or lowest == full:
         return []
     rng = random.Random(f'stim-analyze-{seed}')
-    pool = [c for c in SubnetSampler(full, 'uniform').candidates() if c != full]
+    pool = [c for c in SubnetSampler(full, 'uniform', min_depths=lowest).candidates() if c != full]
     by_level: Dict[int, List[Depths]] = {}
     for c in pool:
         by_level.setdefault(sum(c), []).append(c)
     levels = sorted(by_level)
-    chosen: List[Depths] = [tuple(1 for _ in full)]
+    chosen: List[Depths] = [lowest]
     if len(levels) > 1:
         chosen.append(rng.choice(by_level[levels[-1]]))
     inner = levels[1:-1]
@@ -293,9 +295,9 @@ def analyze_checkpoints(
         stim = get_stim_model(model)
         full = tuple(stim.stage_depths)
         if panel is not None:
-            chosen = [validate_depths(d, full) for d in panel]
+            chosen = [validate_depths(d, full, stim.stage_min_depths) for d in panel]
         else:
-            chosen = default_panel(full, subnets, seed)
+            chosen = default_panel(full, subnets, seed, stim.stage_min_depths)
         chosen = [d for d in dict.fromkeys(chosen) if d != full]
         data_config = run_data_config(model, weights.args)
         loader = _make_loader(data_dir, split, data_config, batch_size, workers, max_images, seed)

@@ -65,12 +65,15 @@ class StimTask(ClassificationTask):
         if num_subnets < 0:
             raise ValueError(f'num_subnets must be >= 0, got {num_subnets}')
         stim = get_stim_model(model)
-        self.sampler = SubnetSampler(stim.stage_depths, rule, seed)
+        self.sampler = SubnetSampler.for_model(stim, rule, seed)
         self.num_subnets = int(num_subnets)
         self.kl_minus = kl_minus
         self.temperature = float(temperature)
         self.amplitude = float(amplitude)
         self.weight = float(weight)
+        if small_input is not None and not stim.stim_input_multiple:
+            raise ValueError(f'{type(stim).__name__} runs at one fixed input size: small sub-network inputs '
+                             f'need a CNN or a ViT built with dynamic_img_size=True')
         self.small_input = (SmallInput(small_input, seed, multiple=stim.stim_input_multiple)
                             if small_input is not None else None)
         self.norm_main = norm_main

@@ -13,13 +13,14 @@ if it keeps the shape of its input (identity shortcut); a stage always keeps its
 every block with a downsample / projection / no skip, which ``stage_min_depths`` records.
 
 For ``torch.compile`` use ``compile_stimulative(model)``: it compiles every block and the other
-top-level modules separately, so switching sub-networks (or input sizes, after one dynamic-shape
-recompile) never recompiles. Compiling the whole model traces the switches into one graph and
+modules separately, so switching sub-networks (or input sizes, after one dynamic-shape recompile)
+never recompiles. Compiling the whole model traces the switches into one graph and
 recompiles for every new sub-network.
 """
 import copy
 import functools
 import re
+import types
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -110,11 +111,15 @@ def _min_depth(blocks: Sequence[nn.Module]) -> int:
 
 
 # -- the switch ------------------------------------------------------------------------------------
+def _class_forward(module: nn.Module, *args, **kwargs):
+    return type(module).forward(module, *args, **kwargs)
+
+
 def _switched_forward(block: nn.Module, x, *args, **kwargs):
-    """A block's forward with the pass-through switch in front of its class's own forward."""
+    """A block's forward with the pass-through switch in front of its class's own (or compiled) forward."""
     if block.stim_skip:
         return x
-    return type(block).forward(block, x, *args, **kwargs)
+    return (block.stim_compiled or _class_forward)(block, x, *args, **kwargs)
 
 
 def _install_switch(block: nn.Module) -> None:
@@ -122,6 +127,7 @@ def _install_switch(block: nn.Module) -> None:
         raise ValueError(f'{type(block).__name__} already has an instance-level forward; '
                          f'it cannot be made skippable')
     block.stim_skip = False
+    block.stim_compiled = None
     block.forward = functools.partial(_switched_forward, block)
 
 
@@ -177,17 +183,17 @@ def _skipped_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def _prepare_scriptable(model: nn.Module) -> nn.Module:
-    """``torch.jit.script`` hook: script a copy of the *selected* network, switches removed
-    (TorchScript compiles class forwards; skipped blocks become ``nn.Identity``)."""
+    """``torch.jit.script`` hook: script a copy of the *selected* network with the switches removed
+    (TorchScript compiles class forwards). Skipped blocks are trailing, so they are deleted from
+    their stage containers, which then simply hold fewer blocks."""
     clone = copy.deepcopy(model)
-    for stage in _blocks(clone):
-        for block in stage:
+    for names, stage in zip(clone.stim_stages, _blocks(clone)):
+        for name, block in reversed(list(zip(names, stage))):
             skip = block.stim_skip
-            del block.forward, block.stim_skip
+            del block.forward, block.stim_skip, block.stim_compiled
             if skip:
-                name = next(n for n, m in clone.named_modules() if m is block)
                 parent, _, child = name.rpartition('.')
-                setattr(clone.get_submodule(parent) if parent else clone, child, nn.Identity())
+                delattr(clone.get_submodule(parent), child)
     for attr in _BOUND:
         clone.__dict__.pop(attr, None)
     return clone
@@ -279,21 +285,35 @@ def get_stim_model(model: nn.Module) -> nn.Module:
     return inner
 
 
-def compile_stimulative(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """``torch.compile`` a stimulative model in place, block by block, so no sub-network recompiles.
+def _own_compiled_forward(name: str, **compile_kwargs) -> Callable:
+    """``torch.compile`` of a module's class forward through a code object of its own.
 
-    Every stage block and every other top-level module is compiled on its own (``nn.Module.compile``);
-    the Python loop over blocks and the pass-through switches stay outside the graphs. Returns the
-    model (its class, keys and sub-network API unchanged).
+    Dynamo keeps one cache per code object with a limit of 8 entries; blocks of one class share
+    ``forward``'s code, so a ResNet-50's 16 bottlenecks would overflow it and fall back to eager.
+    A renamed copy of the code gives every module its own cache (static, then dynamic shapes).
+    """
+    code = _class_forward.__code__.replace(co_name=f'stim_{name.replace(".", "_")}')
+    return torch.compile(types.FunctionType(code, _class_forward.__globals__, code.co_name), **compile_kwargs)
+
+
+def compile_stimulative(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` a stimulative model in place, module by module, so no sub-network recompiles.
+
+    Every stage block, and every other module with parameters outside the stages (stem, downsample
+    layers, head), is compiled on its own; the Python loop over blocks and the pass-through switches
+    stay outside the graphs, so a new sub-network only chooses which compiled blocks run. A new
+    input size recompiles each module once, with dynamic shapes. Returns the model (its class, keys
+    and sub-network API unchanged). ``compile_kwargs`` are ``torch.compile``'s.
     """
     stim = get_stim_model(model)
     blocks = {n for stage in stim.stim_stages for n in stage}
     holders = {n.rsplit('.', k)[0] for n in blocks for k in range(1, n.count('.') + 1)} | {''}
     for name, module in stim.named_modules():
-        parent = name.rpartition('.')[0] if '.' in name else ''
-        if name in blocks or (name and name not in holders and parent in holders and parent not in blocks
-                              and any(True for _ in module.parameters())):
-            module.compile(**compile_kwargs)
+        if name in blocks:
+            module.stim_compiled = _own_compiled_forward(name, **compile_kwargs)
+        elif name and name not in holders and name.rpartition('.')[0] in holders and \
+                any(True for _ in module.parameters()):
+            module.forward = functools.partial(_own_compiled_forward(name, **compile_kwargs), module)
     return model
 
 
