@@ -14,6 +14,7 @@ from .models import (
     StimResNet, StimSequential, StimVisionTransformer, SubnetMixin, frozen_bn_stats, get_stim_model,
     is_stim_model, list_stim_models, resolve_stim_name,
 )
+from .models.official import official_probs
 from .sampling import SubnetSampler
 from .task import StimTask
 

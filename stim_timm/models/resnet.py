@@ -11,6 +11,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ._cfgs import mirror_cfgs
+from .official import checkpoint_filter_fn, pretrained_cfgs as official_cfgs
 from .subnet import StimSequential, SubnetMixin
 
 __all__ = ['StimResNet']
@@ -58,6 +59,7 @@ class StimResNet(SubnetMixin, ResNet):
 def _create_stim_resnet(variant: str, base: str, pretrained: bool = False, **kwargs) -> StimResNet:
     num_feats = len(kwargs['layers']) + 1  # the stem plus each stage
     return build_model_with_cfg(StimResNet, variant, pretrained, stim_base_arch=base,
+                                pretrained_filter_fn=checkpoint_filter_fn,  # official keys -> timm; timm keys as-is
                                 feature_cfg=dict(out_indices=tuple(range(num_feats))), **kwargs)
 
 
@@ -88,7 +90,7 @@ _CIFAR_ARGS: Dict[str, Dict[str, Any]] = {
     for n in (3, 9, 18)
 }
 
-_cfgs: Dict[str, Any] = {}
+_cfgs: Dict[str, Any] = official_cfgs('stim_resnet50')  # first, so its default tag wins over the mirrored one
 for _base in _RESNET_ARGS:
     _cfgs.update(mirror_cfgs(_base, f'stim_{_base}'))
 for _base in _CIFAR_ARGS:
