@@ -134,7 +134,8 @@ def _card(c: Converted, repo_id: Optional[str]) -> str:
                   f'training log, not measured by this conversion.', '']
     lines += ['## Calibration',
               'The authors\' training applied the cross-entropy to layer-normalised logits (no affine, eps 1e-7), '
-              'so `softmax(logits)` is not a calibrated probability (top-1 is unaffected). Use:', '```python',
+              'so `softmax(logits)` is not a calibrated probability: it is nearly uniform (top-1 is unaffected). '
+              'Use:', '```python',
               'probs = torch.softmax(torch.nn.functional.layer_norm(logits, logits.shape[-1:], eps=1e-7), dim=-1)',
               '# with stim-timm installed: stim_timm.official_probs(logits)', '```', '',
               '## Usage', '```python', 'import timm',

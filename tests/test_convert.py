@@ -2,6 +2,7 @@
 list (tests/data/official_resnet50_keys.json, a copy of the facts in the issue) with a distinct fill per
 tensor converts, loads through timm's own loader (file, local HTTP URL, hf-hub cache) and lands every
 tensor on the right timm key; unsafe or wrong input is refused in one line with nothing written."""
+import dataclasses
 import functools
 import http.server
 import json
@@ -47,8 +48,8 @@ def _official_names(depths: Tuple[int, ...]) -> List[str]:
 
 def _filled(names: List[str], shapes: List[Tuple[int, ...]], dtype=torch.float32) -> 'OrderedDict[str, torch.Tensor]':
     """Tensor i holds the value i+1 everywhere: where it lands tells which official tensor it was."""
-    return OrderedDict((k, torch.tensor(i + 1) if k.endswith('num_batches_tracked') else torch.full(s, i + 1., dtype=dtype))
-                       for i, (k, s) in enumerate(zip(names, shapes)))
+    return OrderedDict((k, torch.tensor(i + 1) if k.endswith('num_batches_tracked')
+                        else torch.full(s, i + 1., dtype=dtype)) for i, (k, s) in enumerate(zip(names, shapes)))
 
 
 def _raw_checkpoint(state_dict: Dict[str, torch.Tensor]) -> dict:
@@ -158,7 +159,8 @@ def test_unknown_or_partial_layouts_are_refused(keys):
 def test_tags_and_cfgs():
     assert timm.models.get_pretrained_cfg('stim_resnet50').tag == 'stpp_in1k'  # the default
     tags = timm.list_pretrained('stim_resnet50.*')
-    assert {'stim_resnet50.stpp_in1k', 'stim_resnet50.stpp_ua_in1k', 'stim_resnet50.a1_in1k', 'stim_resnet50.tv_in1k'} <= set(tags)
+    assert {'stim_resnet50.stpp_in1k', 'stim_resnet50.stpp_ua_in1k', 'stim_resnet50.a1_in1k',
+            'stim_resnet50.tv_in1k'} <= set(tags)
     assert timm.models.get_pretrained_cfg('stim_resnet50.a1_in1k').hf_hub_id == 'timm/resnet50.a1_in1k'
     urls = []
     for tag, run in (('stpp_in1k', 'ST_1_1_50_E200_2G_norm_Snet6_A1_T1_Dtrans7_vrs240_tcs200_space3'),
@@ -219,8 +221,10 @@ def test_hf_hub_id_is_all_publishing_needs(converted, tmp_path):
     (repo / 'refs').mkdir()
     (repo / 'refs' / 'main').write_text(rev)
     assert huggingface_hub.constants.HF_HUB_OFFLINE
-    model = timm.create_model('stim_resnet50', pretrained=True, cache_dir=str(tmp_path / 'hub'),
-                              pretrained_cfg_overlay=dict(hf_hub_id='stim-timm/resnet50.stpp_in1k'))
+    release = dataclasses.replace(official.RELEASES[0], hf_hub_id='stim-timm/resnet50.stpp_in1k')
+    cfg = official.release_cfg(release)
+    assert cfg['url'] == official.RELEASES[0].url  # the url stays; an offline GitHub download would fail
+    model = timm.create_model('stim_resnet50', pretrained=True, pretrained_cfg=cfg, cache_dir=str(tmp_path / 'hub'))
     _assert_filled(model.state_dict())
 
 
@@ -290,7 +294,8 @@ def test_a_release_is_identified_by_its_bytes(ckpt, tmp_path, monkeypatch, capsy
     assert 'release: stpp_in1k, byte-identical to the released file' in capsys.readouterr().out
     assert json.load(open(tmp_path / 'a' / 'config.json'))['pretrained_cfg']['crop_pct'] == 0.933
     assert main([ckpt['raw'], str(tmp_path / 'b'), '--model', 'stim_resnet50.stpp_ua_in1k']) == 2
-    assert "--model says 'stpp_ua_in1k' but the file is byte-identical to the 'stpp_in1k' release" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--model says 'stpp_ua_in1k' but the file is byte-identical to the 'stpp_in1k' release" in err
     assert not (tmp_path / 'b').exists()
 
 
@@ -371,8 +376,8 @@ def test_bad_inputs_one_line_exit_2_nothing_written(ckpt, resnet101, keys, tmp_p
 
 
 def test_cli_subprocess_exit_code(tmp_path):
-    res = subprocess.run([sys.executable, '-m', 'stim_timm.convert', str(tmp_path / 'nope.pth.tar'), str(tmp_path / 'o')],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, '-m', 'stim_timm.convert', str(tmp_path / 'nope.pth.tar'),
+                          str(tmp_path / 'o')], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr == f"error: {tmp_path / 'nope.pth.tar'}: no such file\n"
 
 
@@ -391,7 +396,8 @@ def test_push_to_hub_uploads_the_folder(ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv('HF_TOKEN', 'hf_testtoken0123456789')
     monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
-    assert main([ckpt['raw'], str(tmp_path / 'out'), '--model', 'stim_resnet50.stpp_in1k', '--push-to-hub', 'stpp']) == 0
+    args = [ckpt['raw'], str(tmp_path / 'out'), '--model', 'stim_resnet50.stpp_in1k', '--push-to-hub', 'stpp']
+    assert main(args) == 0
     assert sent['repo_id'] == 'me/stpp' and sent['files'] == ['README.md', 'config.json', 'model.safetensors']
     assert "'hf-hub:me/stpp'" in sent['card'] and "'hf-hub:stpp'" not in sent['card']
     assert capsys.readouterr().out.splitlines()[-1] == 'pushed to https://huggingface.co/me/stpp/commit/abc'
