@@ -104,7 +104,7 @@ def load_official(src: str, model_name: Optional[str] = None) -> Converted:
     if release is not None and depth != 50:
         raise ConvertError(f"{src}: '{release.tag}' is a ResNet-50 release but the file is a ResNet-{depth}")
     how = ('byte-identical to the released file (git blob id)' if identified else
-           'named by --model, the file was not compared with it' if release else
+           'named by --model; the file is not byte-identical to the released one' if release else
            'not identified as one of the released files')
     release = release or identified
     arch = f'resnet{depth}'
