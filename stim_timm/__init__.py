@@ -16,6 +16,7 @@ from .models import (
     SUPPORTED_FAMILIES, CifarResNet, compile_stimulative, frozen_bn_stats, get_stim_model, is_stim_model,
     list_stim_models, make_stimulative, resolve_stim_name,
 )
+from .models.official import official_probs
 from .sampling import SubnetSampler
 from .task import StimTask
 

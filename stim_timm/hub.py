@@ -29,7 +29,8 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, TrainedWeights, load_trained_model
 
-__all__ = ['HubError', 'build_hub_folder', 'push_checkpoint', 'upload_folder', 'validate_hub_repo_id', 'main']
+__all__ = ['HubError', 'build_hub_folder', 'push_checkpoint', 'upload_folder', 'validate_hub_repo_id', 'retarget_card',
+           'main']
 
 
 class HubError(ValueError):
@@ -88,6 +89,17 @@ def upload_folder(folder: str, repo_id: str, private: bool = False, revision: Op
     except Exception as e:  # HTTP errors, connection errors, timeouts: one line, never the token
         raise HubError(f'push to {repo_id} failed: {_one_line(e, token)}') from None
     return str(getattr(info, 'commit_url', None) or getattr(info, 'pr_url', None) or info)
+
+
+def retarget_card(folder: str, repo_id: str, resolved: str) -> None:
+    """The card in ``folder`` says ``'hf-hub:REPO_ID'``; the Hub pushed ``name`` to ``user/name``: say that."""
+    card = os.path.join(folder, 'README.md')
+    if resolved == repo_id or not os.path.isfile(card):
+        return
+    with open(card, encoding='utf-8') as f:
+        text = f.read().replace(f"'hf-hub:{repo_id}'", f"'hf-hub:{resolved}'")
+    with open(card, 'w', encoding='utf-8') as f:
+        f.write(text)
 
 
 # ------------------------------------------------------------------------------------- run metadata
@@ -306,17 +318,10 @@ def push_checkpoint(checkpoint: str, repo_id: str, private: bool = False, revisi
     with tempfile.TemporaryDirectory(prefix='stim-hub-') as tmp:
         build_hub_folder(checkpoint, tmp, repo_id=repo_id)
 
-        def fix_card(resolved: str) -> None:  # 'name' was pushed to 'user/name': the card must say so
-            if resolved != repo_id:
-                card = os.path.join(tmp, 'README.md')
-                with open(card, encoding='utf-8') as f:
-                    text = f.read().replace(f"'hf-hub:{repo_id}'", f"'hf-hub:{resolved}'")
-                with open(card, 'w', encoding='utf-8') as f:
-                    f.write(text)
-
         return upload_folder(tmp, repo_id, private=private, revision=revision,
                              commit_message=commit_message or f'Add {os.path.basename(checkpoint.rstrip(os.sep))} '
-                                                              f'(stim-timm)', on_repo_id=fix_card)
+                                                              f'(stim-timm)',
+                             on_repo_id=lambda resolved: retarget_card(tmp, repo_id, resolved))
 
 
 # ------------------------------------------------------------------------------------------------- CLI

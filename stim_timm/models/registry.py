@@ -3,7 +3,8 @@
 ``timm.create_model('stim_convnext_atto')`` builds timm's own ``convnext_atto`` (through its
 registered entrypoint, so every argument, feature wrapper and weight loader is timm's) and calls
 ``make_stimulative`` on it. Pretrained tags mirror the base architecture's (``stim_resnet50.a1_in1k``
-loads ``resnet50.a1_in1k``): the state_dict is the base's. ViT-family models are built with a
+loads ``resnet50.a1_in1k``): the state_dict is the base's; ``stim_resnet50``'s default tag is the
+authors' released ST++ weights (``official.py``). ViT-family models are built with a
 dynamic image size so sub-networks can run on smaller inputs.
 """
 from typing import Any, Callable, Dict, List
@@ -14,6 +15,7 @@ from timm.models import generate_default_cfgs, model_entrypoint, register_model
 
 from . import cifar_resnet  # noqa: F401  registers resnet20_cifar … before their cfgs are mirrored
 from ._cfgs import mirror_cfgs
+from .official import checkpoint_filter_fn, pretrained_cfgs as official_cfgs
 from .subnet import make_stimulative
 
 __all__ = ['STIM_BASES', 'list_stim_models', 'resolve_stim_name']
@@ -32,10 +34,12 @@ STIM_BASES: Dict[str, List[str]] = {
             'deit3_small_patch16_224', 'eva02_tiny_patch14_224'],
 }
 _DYNAMIC_SIZE = set(STIM_BASES['vit'])
+_OFFICIAL_KEYS = set(STIM_BASES['resnet'])
 
 
 def _stim_cfgs() -> Dict[str, Dict[str, Any]]:
-    cfgs: Dict[str, Dict[str, Any]] = {}
+    # The authors' released ST++ weights come first, so their tag is stim_resnet50's default.
+    cfgs: Dict[str, Dict[str, Any]] = official_cfgs('stim_resnet50')
     for base in (b for family in STIM_BASES.values() for b in family):
         for name, cfg in mirror_cfgs(base, f'stim_{base}').items():
             cfgs[name] = dict(cfg, fixed_input_size=False) if base in _DYNAMIC_SIZE else cfg
@@ -49,6 +53,8 @@ def _entrypoint(base: str) -> Callable[..., nn.Module]:
     def create(pretrained: bool = False, **kwargs) -> nn.Module:
         if base in _DYNAMIC_SIZE:
             kwargs.setdefault('dynamic_img_size', True)
+        if base in _OFFICIAL_KEYS:  # the released weights use the authors' key names; timm keys pass as-is
+            kwargs.setdefault('pretrained_filter_fn', checkpoint_filter_fn)
         return make_stimulative(model_entrypoint(base)(pretrained=pretrained, **kwargs), base_arch=base)
 
     create.__name__ = create.__qualname__ = f'stim_{base}'

@@ -1,0 +1,196 @@
+"""The ST/ST++ authors' ImageNet checkpoint -> a timm hub folder that plain timm loads.
+
+CLI::
+
+    python -m stim_timm.convert SRC OUT_DIR [--model NAME] [--push-to-hub REPO_ID]
+
+SRC is their ``.pth.tar`` (or a bare state_dict, with or without ``module.``), read with
+``weights_only=True`` only. The keys are renamed (``stim_timm.models.official``), the depth is read
+from them and checked against ``--model`` (``stim_resnet50``, ``resnet101``, ``stim_resnet50.stpp_ua_in1k``
+...), and OUT_DIR gets ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``, naming the base
+architecture ``resnet50``, so ``timm.create_model('local-dir:OUT_DIR', pretrained=True)`` needs no
+plugin) + a model card. Which release a file is comes from ``--model NAME.TAG`` or, for a download of
+the released file, from its bytes (git blob id). Everything is checked before OUT_DIR is touched: bad
+input is one line and exit code 2, with nothing written.
+"""
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import save_for_hf
+
+from .checkpoint import CheckpointError, read_torch_checkpoint
+from .hub import HubError, retarget_card, upload_folder, validate_hub_repo_id
+from .models.official import (
+    OFFICIAL_REPO, PAPER_IDS, STAGE_DEPTHS, OfficialCheckpointError, Release, find_release, identify_release,
+    is_official, official_depth, official_state_dict, official_to_timm, release_cfg,
+)
+
+__all__ = ['ConvertError', 'Converted', 'load_official', 'convert', 'main']
+
+
+class ConvertError(ValueError):
+    """The source is not a convertible official checkpoint, or does not match ``--model``."""
+
+
+@dataclass
+class Converted:
+    """A checked conversion: the timm model and what is known of its source (``commit_url`` once pushed)."""
+    src: str
+    model: nn.Module
+    depth: int
+    release: Optional[Release]
+    how: str
+    commit_url: Optional[str] = None
+
+    @property
+    def arch(self) -> str:
+        return f'resnet{self.depth}'
+
+
+def _parse_model(name: str) -> Tuple[int, Optional[str]]:
+    """``stim_resnet50`` / ``resnet101`` / ``stim_resnet50.stpp_ua_in1k`` -> (depth, tag)."""
+    arch, _, tag = name.partition('.')
+    base = arch[len('stim_'):] if arch.startswith('stim_') else arch
+    depth = {f'resnet{d}': d for d in STAGE_DEPTHS}.get(base)
+    if depth is None:
+        raise ConvertError(f"--model {name}: the authors' checkpoints are ResNet-50/101/152 "
+                           f"(stim_resnet50, stim_resnet101, stim_resnet152, optionally .TAG)")
+    return depth, tag or None
+
+
+def _check_shapes(model: nn.Module, state_dict: Dict[str, torch.Tensor], src: str) -> None:
+    """The strict load's checks, as one line: the same key set and every shape equal."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in state_dict]
+    extra = [k for k in state_dict if k not in want]
+    if missing or extra:
+        what = f"missing '{missing[0]}'" if missing else f"unexpected '{extra[0]}'"
+        raise ConvertError(f'{src}: does not fit timm resnet: {len(missing)} tensors missing, {len(extra)} '
+                           f'unexpected ({what})')
+    for k, v in want.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise ConvertError(f"{src}: '{k}' has shape {tuple(state_dict[k].shape)}, timm expects {tuple(v.shape)}")
+
+
+def load_official(src: str, model_name: Optional[str] = None) -> Converted:
+    """Read, rename and check SRC into a timm ``resnetN`` with the release's pretrained cfg; writes nothing.
+
+    Raises ConvertError / OfficialCheckpointError / CheckpointError (one line each) on bad input.
+    """
+    want_depth, tag = _parse_model(model_name) if model_name else (None, None)
+    release = find_release(tag) if tag else None
+    if not os.path.isfile(src):
+        raise ConvertError(f'{src}: no such file')
+    state_dict = official_state_dict(read_torch_checkpoint(src))
+    if not is_official(state_dict.keys()):
+        raise ConvertError(f"{src}: not in the authors' layout (first key '{next(iter(state_dict))}', expected "
+                           f"'features.*' / 'classifier.0.*'); a timm checkpoint needs no conversion")
+    timm_sd = official_to_timm(state_dict)
+    depth = official_depth(state_dict.keys())
+    if want_depth is not None and want_depth != depth:
+        raise ConvertError(f'{src}: an official ResNet-{depth} (blocks per stage '
+                           f'{"-".join(map(str, STAGE_DEPTHS[depth]))}) but --model {model_name} is a '
+                           f'ResNet-{want_depth}')
+    identified = identify_release(src)
+    if release is not None and identified is not None and identified != release:
+        raise ConvertError(f"{src}: --model says '{release.tag}' but the file is byte-identical to the "
+                           f"'{identified.tag}' release")
+    if release is not None and depth != 50:
+        raise ConvertError(f"{src}: '{release.tag}' is a ResNet-50 release but the file is a ResNet-{depth}")
+    how = ('byte-identical to the released file (git blob id)' if identified else
+           'named by --model; the file is not byte-identical to the released one' if release else
+           'not identified as one of the released files')
+    release = release or identified
+    arch = f'resnet{depth}'
+    cfg = dict(release_cfg(release), architecture=arch, tag=release.tag if release else None)
+    model = timm.create_model(arch, pretrained=False, pretrained_cfg=cfg)
+    _check_shapes(model, timm_sd, src)
+    model.load_state_dict(timm_sd, strict=True)
+    return Converted(src, model.eval(), depth, release, how)
+
+
+def _card(c: Converted, repo_id: Optional[str]) -> str:
+    r = c.release
+    name = f'{c.arch}.{r.tag}' if r else f'{c.arch} (ST checkpoint)'
+    where = repo_id or 'ORG/NAME'
+    lines = ['---', 'tags:', '- image-classification', '- timm', '- stimulative-training', '- stim-timm',
+             'library_name: timm', 'license: mit', 'datasets:', '- imagenet-1k', '---', f'# {name}', '',
+             f'A ResNet-{c.depth} trained on ImageNet-1k by the authors of stimulative training (ST/ST++, '
+             f'{PAPER_IDS}) with their code, converted to timm\'s `{c.arch}` by stim-timm: tensors renamed, '
+             f'values unchanged. Loading needs timm only.', '', '## Source',
+             f'- **Original:** {r.url if r else os.path.basename(c.src)} ({OFFICIAL_REPO})',
+             f'- **Identified as the release:** {c.how}',
+             '- **Licence:** MIT (the authors\' repository)', '']
+    if r:
+        lines += ['## Recipe', f'{r.recipe}. Evaluation: resize 240, centre crop 224, bilinear, ImageNet mean/std.',
+                  '', '## Reported accuracy',
+                  f'ImageNet-1k val top-1 **{r.top1}%**, top-5 {r.top5}% after {r.epochs} epochs: the authors\' '
+                  f'training log, not measured by this conversion.', '']
+    lines += ['## Calibration',
+              'The authors\' training applied the cross-entropy to layer-normalised logits (no affine, eps 1e-7), '
+              'so `softmax(logits)` is not a calibrated probability: it is nearly uniform (top-1 is unaffected). '
+              'Use:', '```python',
+              'probs = torch.softmax(torch.nn.functional.layer_norm(logits, logits.shape[-1:], eps=1e-7), dim=-1)',
+              '# with stim-timm installed: stim_timm.official_probs(logits)', '```', '',
+              '## Usage', '```python', 'import timm',
+              f"model = timm.create_model('hf-hub:{where}', pretrained=True).eval()",
+              'transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))', '```', '']
+    return '\n'.join(lines)
+
+
+def write_folder(c: Converted, out_dir: str, repo_id: Optional[str] = None) -> List[str]:
+    """``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``) + ``README.md``; their paths."""
+    save_for_hf(c.model, out_dir, safe_serialization=True)
+    with open(os.path.join(out_dir, 'README.md'), 'w', encoding='utf-8') as f:
+        f.write(_card(c, repo_id))
+    return [os.path.join(out_dir, n) for n in ('model.safetensors', 'config.json', 'README.md')]
+
+
+def convert(src: str, out_dir: str, model_name: Optional[str] = None,
+            repo_id: Optional[str] = None) -> Converted:
+    """Check everything (the repo id too), then write OUT_DIR; ``repo_id`` then uploads it."""
+    if repo_id:
+        validate_hub_repo_id(repo_id)
+    c = load_official(src, model_name)
+    write_folder(c, out_dir, repo_id)
+    if repo_id:
+        c.commit_url = upload_folder(out_dir, repo_id, commit_message=f'Add {c.arch} converted from the ST++ '
+                                     f'authors\' {os.path.basename(src)} (stim-timm)',
+                                     on_repo_id=lambda resolved: retarget_card(out_dir, repo_id, resolved))
+    return c
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m stim_timm.convert',
+                                     description="Convert the ST/ST++ authors' ImageNet checkpoint to a timm folder.")
+    parser.add_argument('src', help="their .pth.tar (or a bare state_dict), e.g. model_best.pth.tar")
+    parser.add_argument('out_dir', help='folder for model.safetensors, config.json, README.md')
+    parser.add_argument('--model', default=None,
+                        help='stim_resnet50 / stim_resnet101 / stim_resnet152, optionally with the release tag '
+                             '(stim_resnet50.stpp_in1k); default: the depth read from the keys')
+    parser.add_argument('--push-to-hub', default=None, metavar='REPO_ID', help='then upload OUT_DIR to ORG/NAME')
+    args = parser.parse_args(argv)
+    try:
+        c = convert(args.src, args.out_dir, args.model, args.push_to_hub)
+    except (ConvertError, OfficialCheckpointError, CheckpointError, HubError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    depths = '-'.join(map(str, STAGE_DEPTHS[c.depth]))
+    print(f'{args.src}: official ResNet-{c.depth} (blocks per stage {depths}), '
+          f'{len(c.model.state_dict())} tensors -> timm {c.arch}')
+    print(f"release: {c.release.tag if c.release else 'none'}, {c.how}")
+    print(f'wrote model.safetensors, config.json, README.md to {args.out_dir}')
+    print(f"load with plain timm: timm.create_model('local-dir:{args.out_dir}', pretrained=True)")
+    if args.push_to_hub:
+        print(f'pushed to {c.commit_url}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
