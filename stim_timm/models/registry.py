@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List
 
 import timm
 import torch.nn as nn
-from timm.models import generate_default_cfgs, model_entrypoint, register_model
+from timm.models import generate_default_cfgs, get_pretrained_cfg, model_entrypoint, register_model
 
 from . import cifar_resnet  # noqa: F401  registers resnet20_cifar … before their cfgs are mirrored
 from ._cfgs import mirror_cfgs
@@ -51,6 +51,11 @@ default_cfgs = generate_default_cfgs(_stim_cfgs())
 
 def _entrypoint(base: str) -> Callable[..., nn.Module]:
     def create(pretrained: bool = False, **kwargs) -> nn.Module:
+        # timm resolves a tag against the variant it builds (the base): resolve the stim one here
+        cfg = kwargs.get('pretrained_cfg')
+        if cfg is None or isinstance(cfg, str):
+            name = f'stim_{base}' + (f'.{cfg}' if cfg else '')
+            kwargs['pretrained_cfg'] = get_pretrained_cfg(name, allow_unregistered=False)
         if base in _DYNAMIC_SIZE:
             kwargs.setdefault('dynamic_img_size', True)
         if base in _OFFICIAL_KEYS:  # the released weights use the authors' key names; timm keys pass as-is
