@@ -28,7 +28,7 @@ from timm.task import ClassificationTask
 from timm.utils import NativeScaler
 from timm.utils.log import FormatterNoInfo
 
-from stim_timm import StimTask, SubnetSampler, get_stim_model
+from stim_timm import StimTask, SubnetSampler, get_stim_model, is_stim_model
 from stim_timm.checkpoint import CheckpointError, atomic_save_safetensors
 from stim_timm.engine import LoopConfig, subnet_column, train_one_epoch, validate, validate_subnets
 from stim_timm.runstate import (
@@ -66,7 +66,7 @@ def setup(args) -> SimpleNamespace:
     args.torch_model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
     utils.random_seed(args.seed, args.rank)
     args.model, is_stim = resolve_model_name(args.model, opts['num_subnets'] > 0)
-    model = create_stim_model(args)
+    model = create_stim_model(args, stim_on=is_stim, small_inputs=opts.get('small_input') is not None)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     datasets = create_datasets(args, data_config)
     model.to(device=device, dtype=args.torch_model_dtype)
@@ -85,7 +85,7 @@ def setup(args) -> SimpleNamespace:
                     verbose=verbose, **opts) if is_stim else \
         ClassificationTask(model, train_loss(args).to(device), device=device, verbose=verbose)
     panel = SubnetSampler.for_model(model, opts.get('rule', 'uniform')).panel(args.stim_eval_subnets) \
-        if is_stim else []
+        if is_stim_model(model) else []
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     loss_scaler = NativeScaler(device=device.type) if args.amp and device.type == 'cuda' and \

@@ -13,7 +13,7 @@ from .export import export_subnet
 from .inputs import SmallInput
 from .losses import kl, kl_minus, normalize_logits
 from .models import (
-    SUPPORTED_FAMILIES, CifarResNet, compile_stimulative, frozen_bn_stats, get_stim_model, is_stim_model,
+    STIM_BASES, SUPPORTED_FAMILIES, CifarResNet, compile_stimulative, create_stimulative, frozen_bn_stats, get_stim_model, is_stim_model,
     list_stim_models, make_stimulative, resolve_stim_name,
 )
 from .models.official import official_probs

@@ -9,7 +9,6 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-import timm
 import torch
 import yaml
 from safetensors.torch import load_file, save_file, safe_open
@@ -142,25 +141,25 @@ def resolve_weights(path: str, ema: bool = False) -> TrainedWeights:
 
 def load_trained_model(path: str, model_name: Optional[str] = None, num_classes: Optional[int] = None,
                        ema: bool = False, **create_kwargs) -> Tuple[torch.nn.Module, TrainedWeights]:
-    """Create the stim model a checkpoint was trained as and load its weights (strictly).
+    """Create the model a checkpoint was trained as (made stimulative when it has residual stages)
+    and load its weights (strictly).
 
     ``model_name``/``num_classes`` override what the checkpoint says; a bare weights file needs them.
     The class count is inferred from the classifier when nothing names it.
     """
-    from .models import resolve_stim_name  # local: models import timm registries
+    from .models import create_stimulative  # local: models import timm registries
     weights = resolve_weights(path, ema=ema)
     name = model_name or weights.model
     if not name:
         raise CheckpointError(f'{weights.path}: the model name is not recorded; pass --model NAME')
-    try:
-        name = resolve_stim_name(name)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
     classes = num_classes or weights.num_classes
     # Architecture kwargs the run was created with (train_stim.py --model-kwargs) rebuild the same net.
     create_kwargs = {**(weights.args.get('model_kwargs') or {}), **create_kwargs}
-    model = timm.create_model(name, pretrained=False, **({'num_classes': classes} if classes else {}),
-                              **create_kwargs)
+    try:
+        model = create_stimulative(name, required=False, pretrained=False,
+                                   **({'num_classes': classes} if classes else {}), **create_kwargs)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     if classes is None:
         head = model.get_classifier()
         key = next((k for k in weights.state_dict if k.endswith('weight') and k.startswith(

@@ -10,34 +10,35 @@ import torch.nn as nn
 from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from .models import resolve_stim_name
+from .models import create_stimulative
 
 __all__ = ['resolve_model_name', 'create_stim_model', 'create_datasets', 'create_loaders', 'train_loss']
 
 
 def resolve_model_name(name: str, stim_on: bool) -> Tuple[str, bool]:
-    """The stim variant of ``name`` when there is one; a plain timm model only for the baseline."""
-    try:
-        return resolve_stim_name(name), True
-    except ValueError as e:
-        if not timm.is_model(name):
-            raise ValueError(f"unknown model '{name}' (neither a timm nor a stim_* model)") from None
-        if stim_on:
-            raise ValueError(f'stimulative training needs skippable residual stages: {e}') from None
-        return name, False
+    """``name`` if timm knows it (any timm model or a stim_* name), else a ValueError."""
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model '{name}' (neither a timm nor a stim_* model)")
+    return name, stim_on
 
 
-def create_stim_model(args) -> nn.Module:
-    """timm's create_model with train.py's model flags; records the resolved class count in args
-    (``args.yaml`` / checkpoints carry it for tools that rebuild the model)."""
+def create_stim_model(args, stim_on: bool = True, small_inputs: bool = False) -> nn.Module:
+    """timm's create_model with train.py's model flags, made stimulative in place (required when
+    ``stim_on``; a baseline of a model without residual stages stays plain). Records the resolved
+    class count in args (``args.yaml`` / checkpoints carry it for tools that rebuild the model)."""
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
     overlay = dict(pretrained_cfg_overlay=dict(file=args.pretrained_path, num_classes=-1)) \
         if args.pretrained_path else {}
-    model = timm.create_model(
-        args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
+    kwargs = dict(
+        pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
         drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
         global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
         checkpoint_path=args.initial_checkpoint, **overlay, **args.model_kwargs)
+    model = create_stimulative(args.model, required=stim_on, **kwargs)
+    if small_inputs and getattr(model, 'dynamic_img_size', True) is False:
+        # a ViT runs sub-networks on smaller inputs only when built with a dynamic image size
+        model = create_stimulative(args.model, required=stim_on, **dict(kwargs, dynamic_img_size=True))
+        args.model_kwargs = dict(args.model_kwargs, dynamic_img_size=True)
     with torch.no_grad():
         if args.head_init_scale is not None:
             model.get_classifier().weight.mul_(args.head_init_scale)

@@ -11,16 +11,13 @@ from torch.utils.flop_counter import FlopCounterMode
 import stim_timm
 from stim_timm.models import resolve_stim_name
 
-STIM_NAMES = [
-    'stim_resnet18', 'stim_resnet34', 'stim_resnet50', 'stim_resnet50d', 'stim_resnet101',
-    'stim_resnet152', 'stim_resnext50_32x4d', 'stim_resnext101_32x8d', 'stim_wide_resnet50_2',
-    'stim_vit_tiny_patch16_224', 'stim_vit_small_patch16_224', 'stim_vit_base_patch16_224',
-    'stim_deit_small_patch16_224', 'stim_resnet20_cifar', 'stim_resnet56_cifar', 'stim_resnet110_cifar',
-]
+STIM_NAMES = [f'stim_{b}' for family in stim_timm.STIM_BASES.values() for b in family]
 EXPECTED_DEPTHS = {
     'stim_resnet18': (2, 2, 2, 2), 'stim_resnet34': (3, 4, 6, 3), 'stim_resnet50': (3, 4, 6, 3),
-    'stim_resnet101': (3, 4, 23, 3), 'stim_resnet152': (3, 8, 36, 3), 'stim_vit_tiny_patch16_224': (3, 3, 3, 3),
+    'stim_resnet101': (3, 4, 23, 3), 'stim_resnet152': (3, 8, 36, 3), 'stim_vit_tiny_patch16_224': (12,),
     'stim_resnet20_cifar': (3, 3, 3), 'stim_resnet56_cifar': (9, 9, 9), 'stim_resnet110_cifar': (18, 18, 18),
+    'stim_convnext_atto': (2, 2, 6, 2), 'stim_swin_tiny_patch4_window7_224': (2, 2, 6, 2),
+    'stim_efficientnet_b0': (1, 2, 2, 3, 3, 4, 1), 'stim_regnetx_002': (1, 1, 4, 7),
 }
 
 
@@ -32,13 +29,14 @@ def flops(model: nn.Module, x: torch.Tensor) -> int:
 
 def test_all_models_registered():
     assert sorted(stim_timm.list_stim_models()) == sorted(STIM_NAMES)
+    assert len(STIM_NAMES) >= 16
 
 
-@pytest.mark.parametrize('name', [n for n in STIM_NAMES if not n.endswith('_cifar')])
+@pytest.mark.parametrize('name', STIM_NAMES)
 def test_same_class_and_state_dict_as_base(name):
     stim = timm.create_model(name, device='meta')
     base = timm.create_model(name[len('stim_'):], device='meta')
-    assert isinstance(stim, type(base))
+    assert type(stim) is type(base)
     assert stim.stim_base_arch == name[len('stim_'):]
     s, b = stim.state_dict(), base.state_dict()
     assert list(s) == list(b)
@@ -48,13 +46,6 @@ def test_same_class_and_state_dict_as_base(name):
 @pytest.mark.parametrize('name,depths', sorted(EXPECTED_DEPTHS.items()))
 def test_stage_depths(name, depths):
     assert timm.create_model(name, device='meta').stage_depths == depths
-
-
-def test_vit_stim_stages_option():
-    assert timm.create_model('stim_vit_tiny_patch16_224', device='meta', stim_stages=3).stage_depths == (4, 4, 4)
-    assert timm.create_model('stim_vit_tiny_patch16_224', device='meta', stim_stages=(2, 10)).stage_depths == (2, 10)
-    with pytest.raises(ValueError, match='sum to the depth 12'):
-        timm.create_model('stim_vit_tiny_patch16_224', device='meta', stim_stages=(2, 2))
 
 
 @pytest.mark.parametrize('name,x', [('resnet18', torch.randn(2, 3, 64, 64)),
@@ -112,7 +103,7 @@ def test_timm_api_still_works():
 
 def test_cifar_resnet_layout():
     m = timm.create_model('stim_resnet20_cifar')
-    assert isinstance(m, ResNet)
+    assert isinstance(m, ResNet) and type(m) is stim_timm.CifarResNet
     assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)
     assert isinstance(m.maxpool, nn.Identity)
     assert [m.layer1[0].conv1.out_channels, m.layer2[0].conv1.out_channels, m.layer3[0].conv1.out_channels] == [16, 32, 64]
@@ -176,15 +167,15 @@ def test_vit_subnet_and_dynamic_size():
     assert isinstance(m, VisionTransformer)
     x = torch.randn(1, 3, 96, 96)  # smaller than 224: positional embeddings are resampled
     full_cost = flops(m, x)
-    with m.subnet((1, 1, 1, 1)):
+    with m.subnet((3,)):
         y = m(x)
         sub_cost = flops(m, x)
     assert y.shape == (1, 1000)
-    assert sub_cost < 0.45 * full_cost
+    assert sub_cost < 0.3 * full_cost
     h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-    for i in (0, 3, 6, 9):
-        h = m.blocks[i](h)
-    torch.testing.assert_close(y, m.forward_head(m.norm(h)), rtol=1e-5, atol=1e-5)
+    for i in range(3):
+        h = type(m.blocks[i]).forward(m.blocks[i], h)
+    torch.testing.assert_close(y, m.forward_head(m.norm(h)), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('name,size', [('stim_resnet20_cifar', 32), ('stim_vit_tiny_patch16_224', 64)])
@@ -197,7 +188,7 @@ def test_grad_checkpointing_keeps_subnet_and_grads(name, size):
     for ckpt in (False, True):
         m.set_grad_checkpointing(ckpt)
         m.zero_grad()
-        with m.subnet((1, 2, 3) if len(m.stage_depths) == 3 else (1, 2, 3, 1)):
+        with m.subnet((1, 2, 3) if len(m.stage_depths) == 3 else (5,)):
             out = m(x)
         out.sum().backward()
         grads.append((out.detach(), [p.grad.clone() if p.grad is not None else None for p in m.parameters()]))
@@ -209,22 +200,15 @@ def test_grad_checkpointing_keeps_subnet_and_grads(name, size):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_torch_compile_full_network():
-    m = timm.create_model('stim_resnet20_cifar').eval()
-    x = torch.randn(2, 3, 32, 32)
-    compiled = torch.compile(m, backend='eager')  # exercises dynamo tracing without a C++ toolchain
-    torch.testing.assert_close(compiled(x), m(x))
-
-
 def test_resolve_stim_name():
     assert resolve_stim_name('resnet50') == 'stim_resnet50'
     assert resolve_stim_name('stim_resnet50.a1_in1k') == 'stim_resnet50.a1_in1k'
-    with pytest.raises(ValueError, match="model 'efficientnet_b0' has no stimulative"):
-        resolve_stim_name('efficientnet_b0')
+    with pytest.raises(ValueError, match="model 'resnet10t' has no registered stim_"):
+        resolve_stim_name('resnet10t')
 
 
 def test_get_stim_model_unwraps_and_rejects():
     m = timm.create_model('stim_resnet20_cifar')
     assert stim_timm.get_stim_model(torch.compile(m, backend='eager')) is m
-    with pytest.raises(TypeError, match='efficientnet_b0 has no skippable residual stages'):
-        stim_timm.get_stim_model(timm.create_model('efficientnet_b0', device='meta'))
+    with pytest.raises(TypeError, match='resnet10t is not stimulative; call stim_timm.make_stimulative'):
+        stim_timm.get_stim_model(timm.create_model('resnet10t', device='meta'))
