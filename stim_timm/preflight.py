@@ -95,6 +95,7 @@ NEEDS = {
     'kd_token_distill_type': 'kd_model_name', 'train_batch_sizes': 'train_img_sizes',
     'train_size_probs': 'train_img_sizes', 'train_size_schedule': 'train_img_sizes',
     'train_size_schedule_spread': 'train_img_sizes', 'train_size_random_mix': 'train_img_sizes',
+    'train_batches_per_epoch': 'train_img_sizes',  # timm's loader reads it only with scheduled sizes
 }
 
 
