@@ -142,6 +142,13 @@ def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
     _need(not (args.amp and args.model_dtype not in (None, 'float32')),
           f'--amp needs a float32 model (--model-dtype {args.model_dtype} was given)')
     _need(not args.wandb_resume_id or args.resume, '--wandb-resume-id needs --resume (it continues a run)')
+    if args.train_img_sizes:
+        _need(args.aug_splits <= 1, "--train-img-sizes cannot be combined with --aug-splits (timm's scheduled "
+                                    "loader does not support augmentation splits)")
+        _need(not args.use_multi_epochs_loader, '--train-img-sizes cannot be combined with '
+                                                '--use-multi-epochs-loader (not supported by timm)')
+        _need(not args.dataset or args.dataset.startswith('folder'),
+              '--train-img-sizes needs a map-style dataset (an image folder), not a streaming one')
     sizes = args.train_img_sizes or []
     for dest in ('train_batch_sizes', 'train_size_probs'):
         v = getattr(args, dest)
@@ -238,9 +245,10 @@ def _read_weights(path: str, flag: str) -> Dict[str, Any]:
 
 def check_checkpoints(args, name: str, model: nn.Module) -> Optional[Dict[str, Any]]:
     """--resume / --initial-checkpoint / --pretrained-path: readable and shaped for this model."""
-    if args.split_bn:
+    if args.split_bn and (args.initial_checkpoint or args.resume):
         from timm.layers import convert_splitbn_model
-        model = convert_splitbn_model(model, max(args.aug_splits, 2))
+        with torch.device('meta'):
+            model = convert_splitbn_model(model, max(args.aug_splits, 2))
     if args.initial_checkpoint:
         mismatch = _shape_mismatch(_read_weights(args.initial_checkpoint, '--initial-checkpoint'), model)
         if mismatch:

@@ -6,13 +6,10 @@ Each epoch's summary row goes to every tracker. The full network's metrics keep 
 ``subnet/<blocks per stage>/top1``, so ST's effect (sub-networks no longer loafing) is one chart.
 """
 import argparse
-import logging
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List
 
 __all__ = ['Tracker', 'series_name', 'create_trackers']
-
-_logger = logging.getLogger('train')
 
 
 def series_name(column: str) -> str:
