@@ -71,7 +71,8 @@ def _range(args, dest: str, lo: Optional[float] = None, hi: Optional[float] = No
         if bad:
             left = '(' if lo_open else '['
             right = ')' if hi_open else ']'
-            interval = f'{left}{"-inf" if lo is None else lo:g}, {"inf" if hi is None else hi:g}{right}'
+            low, high = ('-inf' if lo is None else f'{lo:g}'), ('inf' if hi is None else f'{hi:g}')
+            interval = f'{left}{low}, {high}{right}'
             raise BadInput(f'{_flag(dest)} must be in {interval}, got {v}')
 
 
