@@ -38,7 +38,7 @@ from stim_timm.preflight import Preflight, clean_run_folder, one_line, preflight
 from stim_timm.runstate import StimCheckpointSaver, SummaryWriter, apply_resume, apply_resume_ema, default_mode
 from stim_timm.tracking import create_trackers
 from stim_timm.train_args import args_to_yaml, builtin_defaults, parse_args, stim_options
-from stim_timm.train_setup import create_datasets, create_loaders, create_stim_model, train_loss
+from stim_timm.train_setup import create_datasets, create_loaders, create_stim_model, distillation_task, train_loss
 
 _logger = logging.getLogger('train')
 # Bad input found while building (a TypeError is never bad input: it is a bug and keeps its traceback).
@@ -104,9 +104,13 @@ def setup(args, pre: Preflight) -> SimpleNamespace:
         scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
         args.lr = args.lr_base * (global_batch / args.lr_base_size) ** (0.5 if scale == 'sqrt' else 1.0)
     verbose = utils.is_primary(args)
-    task = StimTask(model, train_loss(args).to(device), device=device, dtype=args.torch_model_dtype,
-                    verbose=verbose, **opts) if is_stim else \
-        ClassificationTask(model, train_loss(args).to(device), device=device, verbose=verbose)
+    criterion = train_loss(args).to(device)
+    if args.kd_model_name:  # the preflight refused KD together with the stim loss (see its message)
+        task = distillation_task(args, model, criterion, device, args.torch_model_dtype, verbose)
+    elif is_stim:
+        task = StimTask(model, criterion, device=device, dtype=args.torch_model_dtype, verbose=verbose, **opts)
+    else:
+        task = ClassificationTask(model, criterion, device=device, verbose=verbose)
     panel = SubnetSampler(pre.stage_depths, opts.get('rule', 'uniform')).panel(args.stim_eval_subnets) \
         if is_stim else []
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)

@@ -93,7 +93,7 @@ NEEDS = {
     'kd_distill_type': 'kd_model_name', 'kd_loss_type': 'kd_model_name', 'distill_loss_weight': 'kd_model_name',
     'task_loss_weight': 'kd_model_name', 'kd_temperature': 'kd_model_name',
     'kd_student_feature_dim': 'kd_model_name', 'kd_teacher_feature_dim': 'kd_model_name',
-    'kd_token_distill_type': 'kd_model_name', 'train_batch_sizes': 'train_img_sizes',
+    'kd_token_distill_type': 'kd_model_name', 'kd_pretrained_path': 'kd_model_name', 'train_batch_sizes': 'train_img_sizes',
     'train_size_probs': 'train_img_sizes', 'train_size_schedule': 'train_img_sizes',
     'train_size_schedule_spread': 'train_img_sizes', 'train_size_random_mix': 'train_img_sizes',
     'train_batches_per_epoch': 'train_img_sizes',  # timm's loader reads it only with scheduled sizes
@@ -208,6 +208,11 @@ def check_model(args) -> Tuple[str, bool, nn.Module, Tuple[int, ...]]:
             raise BadInput(f'--stim-rule for {name} {depths}: {one_line(e)}') from None
     if args.kd_model_name and not timm.is_model(args.kd_model_name):
         raise BadInput(f"unknown teacher model '{args.kd_model_name}' (--kd-model-name)")
+    if args.kd_model_name and stim_on:
+        raise BadInput('--kd-model-name with stimulative training is not available yet: StimTask cannot wrap '
+                       "timm's distillation task until its inner-task redesign lands; distil without the stim flags")
+    if args.kd_pretrained_path:
+        _read_weights(args.kd_pretrained_path, '--kd-pretrained-path')
     return name, is_stim, model, depths
 
 

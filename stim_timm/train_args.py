@@ -259,6 +259,8 @@ def _kd_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--kd-student-feature-dim', default=None, type=int)
     _add(g, '--kd-teacher-feature-dim', default=None, type=int)
     _add(g, '--kd-token-distill-type', default='soft', type=str, choices=('soft', 'hard'))
+    _add(g, '--kd-pretrained-path', default=None, metavar='FILE',
+         help="teacher weights from a local file instead of the teacher's pretrained tag")
 
 
 def _stim_flags(p: argparse.ArgumentParser) -> None:

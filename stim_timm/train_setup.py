@@ -12,7 +12,8 @@ from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEn
 
 from .models import resolve_stim_name
 
-__all__ = ['resolve_model_name', 'create_stim_model', 'create_datasets', 'create_loaders', 'train_loss']
+__all__ = ['resolve_model_name', 'create_stim_model', 'create_datasets', 'create_loaders', 'train_loss',
+           'distillation_task']
 
 
 def resolve_model_name(name: str, stim_on: bool) -> Tuple[str, bool]:
@@ -119,6 +120,25 @@ def create_loaders(args, data_config, device, datasets) -> Tuple[Any, Optional[A
         eval_ds, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
     return train_loader, eval_loader, mixup_fn
+
+
+def distillation_task(args, model: nn.Module, criterion: nn.Module, device, dtype, verbose: bool) -> nn.Module:
+    """timm's distillation task for ``--kd-*`` (as timm's train.py builds it); the teacher's weights
+    come from its pretrained tag or ``--kd-pretrained-path``. A teacher that cannot load is a ValueError."""
+    from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
+    common = dict(student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
+                  teacher_pretrained_path=args.kd_pretrained_path, distill_loss_weight=args.distill_loss_weight,
+                  task_loss_weight=args.task_loss_weight, device=device, dtype=dtype, verbose=verbose)
+    try:
+        if args.kd_distill_type == 'feature':
+            return FeatureDistillationTask(**common, student_feature_dim=args.kd_student_feature_dim,
+                                           teacher_feature_dim=args.kd_teacher_feature_dim)
+        if args.kd_distill_type == 'token':
+            return TokenDistillationTask(**common, distill_type=args.kd_token_distill_type,
+                                         temperature=args.kd_temperature)
+        return LogitDistillationTask(**common, loss_type=args.kd_loss_type, temperature=args.kd_temperature)
+    except RuntimeError as e:  # e.g. no pretrained weights for the teacher, or weights that do not fit
+        raise ValueError(f'teacher {args.kd_model_name}: {" ".join(str(e).split())}') from None
 
 
 def train_loss(args) -> nn.Module:

@@ -13,7 +13,8 @@ SNAPSHOT = Path(__file__).resolve().parent / 'data' / 'timm_train_flags.txt'
 OWN_DEFAULTS = {'--device': None}  # timm: 'cuda'; here cuda when available, else cpu
 # Flags of train_stim.py that timm's train.py does not have.
 # (--local-rank: the spelling newer torch.distributed.run passes, beside timm's --local_rank)
-OWN_FLAGS = {'--log-tensorboard', '--overwrite', '--push-to-hub', '--hub-private', '--hub-revision', '--local-rank'}
+OWN_FLAGS = {'--log-tensorboard', '--overwrite', '--push-to-hub', '--hub-private', '--hub-revision', '--local-rank',
+             '--kd-pretrained-path'}
 
 
 def snapshot() -> List[Tuple[List[str], Dict[str, Any]]]:

@@ -187,3 +187,19 @@ def test_type_error_from_our_code_keeps_its_traceback(monkeypatch, data, tmp_pat
     monkeypatch.setattr(train_stim, 'setup', broken)
     with pytest.raises(TypeError, match='bug'):
         train_stim.main([str(data), *FAST, '--output', str(tmp_path), '--experiment', 'x'])
+
+
+# ---- knowledge distillation (timm's distillation tasks) -----------------------------------------
+def test_kd_baseline_runs_with_finite_losses(data, tmp_path):
+    """--kd-model-name builds timm's LogitDistillationTask (teacher weights from a local file here)."""
+    import timm
+    import stim_timm  # noqa: F401
+    torch.save(timm.create_model('stim_resnet20_cifar', num_classes=10).state_dict(), tmp_path / 'teacher.pth')
+    proc = run([data, *FAST, '--epochs', '1', '-b', '16', '--output', tmp_path, '--experiment', 'kd',
+                '--kd-model-name', 'stim_resnet20_cifar', '--kd-pretrained-path', tmp_path / 'teacher.pth',
+                '--kd-temperature', '2', '--stim-eval-subnets', '1'])
+    assert 'LogitDistillationTask' in proc.stdout + proc.stderr
+    table = rows(tmp_path / 'kd')
+    assert 0 < float(table[0]['train_loss']) < 100 and float(table[0]['eval_top1']) >= 0
+    st = run([data, *FAST, '--stim', '--kd-model-name', 'stim_resnet20_cifar', '--output', tmp_path], code=2)
+    assert 'with stimulative training is not available yet' in st.stderr
