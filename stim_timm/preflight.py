@@ -163,8 +163,6 @@ def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
     if stim_on and args.stim_subnets == 0:
         raise BadInput('--stim-subnets 0 trains no sub-network: give 1 or more, or drop the stim flags for '
                        'the baseline')
-    if args.stim_start_epoch and args.stim_start_epoch >= args.epochs:
-        raise BadInput(f'--stim-start-epoch {args.stim_start_epoch} is past the last epoch ({args.epochs - 1})')
     try:
         stim_options(args)
     except ValueError as e:
