@@ -2,9 +2,10 @@
 the stimulative-training flags.
 
 A ``-c/--config`` YAML sets defaults and the command line wins, as in timm, so a timm user's command
-line and YAML keep working. timm flags this script does not implement are still *accepted* (a
-YAML or command line that leaves them at their defaults runs unchanged) but setting one is a clear
-error instead of being silently ignored.
+line and YAML keep working. Every flag of timm's train.py parses (tests/data/timm_train_flags.txt);
+the few that cannot work here (``REFUSED``: NaFlex, TorchScript, per-batch loss scaling) are accepted
+at their defaults and setting one is a one-line error saying why. A YAML key that is no flag, or a
+value the command line could not produce (type, count, choices), is an error too (exit 2).
 """
 import argparse
 from typing import Any, Dict, List, Optional, Sequence, Tuple
