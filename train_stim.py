@@ -8,7 +8,9 @@ Flags are timm train.py's (see ``stim_timm/train_args.py``) plus ``--stim*``. A 
 data, optimizer, scheduler, EMA and checkpoint pieces around ``StimTask``; the loop is in
 ``stim_timm/engine.py``, the resume state in ``stim_timm/runstate.py``.
 """
+import importlib
 import logging
+import math
 import os
 import sys
 from contextlib import suppress
@@ -20,7 +22,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from timm import utils
 from timm.data import resolve_data_config
-from timm.layers import convert_sync_batchnorm
+from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -31,20 +33,26 @@ from timm.utils.log import FormatterNoInfo
 from stim_timm import StimTask, SubnetSampler, get_stim_model, is_stim_model
 from stim_timm.checkpoint import CheckpointError, atomic_save_safetensors
 from stim_timm.engine import LoopConfig, subnet_column, train_one_epoch, validate, validate_subnets
-from stim_timm.runstate import (
-    StimCheckpointSaver, SummaryWriter, apply_resume, apply_resume_ema, default_mode, load_resume)
-from stim_timm.train_args import args_to_yaml, parse_args, stim_options
-from stim_timm.train_setup import create_datasets, create_loaders, create_stim_model, resolve_model_name, train_loss
+from stim_timm.loader_hooks import HookedLoader, recovery_hook, save_images_hook
+from stim_timm.preflight import Preflight, clean_run_folder, one_line, preflight
+from stim_timm.runstate import StimCheckpointSaver, SummaryWriter, apply_resume, apply_resume_ema, default_mode
+from stim_timm.tracking import create_trackers
+from stim_timm.train_args import args_to_yaml, builtin_defaults, parse_args, stim_options
+from stim_timm.train_setup import create_datasets, create_loaders, create_stim_model, distillation_task, train_loss
 
 _logger = logging.getLogger('train')
-SETUP_ERRORS = (ValueError, TypeError, OSError, CheckpointError)
+# Bad input found while building (a TypeError is never bad input: it is a bug and keeps its traceback).
+SETUP_ERRORS = (ValueError, OSError, CheckpointError)
 
 
-def fail(message: str) -> None:
-    """Bad input: one line on stderr, exit code 2 (as argparse does)."""
-    first = ' '.join(str(message).strip().splitlines()[:1]) or 'failed'
-    sys.stderr.write(f'train_stim.py: error: {first}\n')
-    sys.exit(2)
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the last good checkpoint stays."""
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Bad input: the whole message on one line on stderr, exit code 2 (as argparse does)."""
+    sys.stderr.write(f'train_stim.py: error: {one_line(message)}\n')
+    sys.exit(code)
 
 
 def setup_logging(primary: bool) -> None:
@@ -54,9 +62,11 @@ def setup_logging(primary: bool) -> None:
     logging.root.setLevel(logging.INFO if primary else logging.WARNING)
 
 
-def setup(args) -> SimpleNamespace:
-    """Everything that can fail on bad input, before anything is written."""
+def setup(args, pre: Preflight) -> SimpleNamespace:
+    """Model, data, optimizer, schedule, resume: everything before anything is written."""
     opts = stim_options(args)
+    for module in args.device_modules or ():
+        importlib.import_module(module)
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     device = utils.init_distributed_device(args)
     args.prefetcher = not args.no_prefetcher
@@ -65,10 +75,22 @@ def setup(args) -> SimpleNamespace:
         raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU)")
     args.torch_model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
     utils.random_seed(args.seed, args.rank)
-    args.model, is_stim = resolve_model_name(args.model, opts['num_subnets'] > 0)
-    model = create_stim_model(args, stim_on=is_stim, small_inputs=opts.get('small_input') is not None)
+    if args.fuser:
+        utils.set_jit_fuser(args.fuser)
+    if args.fast_norm:
+        set_fast_norm()
+    args.model, is_stim = pre.model, pre.is_stim
+    try:
+        model = create_stim_model(args, stim_on=is_stim, small_inputs=opts.get('small_input') is not None)
+    except RuntimeError as e:  # weights that load but do not fit (the preflight checked what it could)
+        if not (args.pretrained_path or args.initial_checkpoint):
+            raise
+        raise ValueError(f'{args.pretrained_path or args.initial_checkpoint}: weights do not fit {args.model} '
+                         f'({one_line(e)})') from None
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     datasets = create_datasets(args, data_config)
+    if args.split_bn:
+        model = convert_splitbn_model(model, max(args.aug_splits, 2))
     model.to(device=device, dtype=args.torch_model_dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -76,14 +98,19 @@ def setup(args) -> SimpleNamespace:
         args.dist_bn = ''
         model = convert_sync_batchnorm(model)
     train_loader, eval_loader, mixup_fn = create_loaders(args, data_config, device, datasets)
-    if not args.lr:
-        global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    if not args.lr:  # timm's rule; a batch-size schedule counts its policy-average batch size
+        batch = getattr(train_loader.batch_sampler, 'average_batch_size', None) if args.train_img_sizes else None
+        global_batch = (batch or args.batch_size) * args.world_size * args.grad_accum_steps
         scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
         args.lr = args.lr_base * (global_batch / args.lr_base_size) ** (0.5 if scale == 'sqrt' else 1.0)
     verbose = utils.is_primary(args)
-    task = StimTask(model, train_loss(args).to(device), device=device, dtype=args.torch_model_dtype,
-                    verbose=verbose, **opts) if is_stim else \
-        ClassificationTask(model, train_loss(args).to(device), device=device, verbose=verbose)
+    criterion = train_loss(args).to(device)
+    if args.kd_model_name:  # the preflight refused KD together with the stim loss (see its message)
+        task = distillation_task(args, model, criterion, device, args.torch_model_dtype, verbose)
+    elif is_stim:
+        task = StimTask(model, criterion, device=device, dtype=args.torch_model_dtype, verbose=verbose, **opts)
+    else:
+        task = ClassificationTask(model, criterion, device=device, verbose=verbose)
     panel = SubnetSampler.for_model(model, opts.get('rule', 'uniform')).panel(args.stim_eval_subnets) \
         if is_stim_model(model) else []
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
@@ -95,9 +122,8 @@ def setup(args) -> SimpleNamespace:
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=eval_metric == 'loss'),
         updates_per_epoch=updates_per_epoch)
-    start_epoch, ckpt = 0, None
-    if args.resume:
-        ckpt = load_resume(args.resume)
+    start_epoch, ckpt = 0, pre.resume
+    if ckpt is not None:
         start_epoch = apply_resume(ckpt, args.resume, task, None if args.no_resume_opt else optimizer,
                                    lr_scheduler, None if args.no_resume_opt else loss_scaler)
         if 'lr_scheduler' not in ckpt and start_epoch > 0:  # a timm checkpoint: step to the epoch
@@ -135,11 +161,14 @@ def prepare(run: SimpleNamespace) -> None:
         distributed=args.distributed, world_size=args.world_size, primary=utils.is_primary(args),
         synchronize_step=args.synchronize_step, tta=args.tta)
     run.saver = run.summary = run.output_dir = None
+    run.trackers = []
     if not utils.is_primary(args):
         return
     name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model),
                                         str(run.data_config['input_size'][-1])])
     run.output_dir = utils.get_outdir(args.output or './output/train', name)
+    # --overwrite: the earlier run's files go (never mixed with this run's); always: partial saves of a kill
+    clean_run_folder(run.output_dir, everything=args.overwrite and not args.resume)
     with open(os.path.join(run.output_dir, 'args.yaml'), 'w') as f:
         f.write(args_to_yaml(args, run.parser))
     run.saver = StimCheckpointSaver(
@@ -151,6 +180,7 @@ def prepare(run: SimpleNamespace) -> None:
     if run.ckpt and run.ckpt.get('saver') and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)),
                                                                run.output_dir):
         run.saver.load_state_dict(run.ckpt['saver'])  # best-checkpoint ranking continues
+    run.trackers = create_trackers(args, name, run.output_dir)
 
 
 def set_loader_epoch(loader, epoch: int) -> None:
@@ -170,8 +200,20 @@ def run_epoch(run: SimpleNamespace, epoch: int) -> Dict[str, Any]:
             run.mixup_fn.mixup_enabled = False
         elif hasattr(run.train_loader, 'mixup_enabled'):
             run.train_loader.mixup_enabled = False
-    train = train_one_epoch(epoch, task, run.train_loader, run.optimizer, cfg, run.lr_scheduler,
-                            run.loss_scaler, run.mixup_fn)
+    loader = run.train_loader
+    if run.saver is not None and (args.recovery_interval or args.save_images):
+        loader = HookedLoader(
+            loader, args.grad_accum_steps,
+            after_update=recovery_hook(run.saver, epoch, args.recovery_interval) if args.recovery_interval else None,
+            on_batch=save_images_hook(run.output_dir, args.grad_accum_steps, args.log_interval)
+            if args.save_images else None)
+    train = train_one_epoch(epoch, task, loader, run.optimizer, cfg, run.lr_scheduler, run.loss_scaler,
+                            run.mixup_fn)
+    if not (math.isfinite(train['loss']) and math.isfinite(train['kl_loss'])):
+        last = os.path.join(run.output_dir, 'last.pth.tar') if run.output_dir else ''
+        kept = f'the last good checkpoint is {last}' if last and os.path.isfile(last) else 'no checkpoint was saved'
+        raise TrainingStopped(f'epoch {epoch}: the training loss is {train["loss"]} (KL {train["kl_loss"]}): '
+                              f'stopped, this epoch is not saved; {kept}')
     model = task.get_trainable_module()
     if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
         utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
@@ -179,6 +221,9 @@ def run_epoch(run: SimpleNamespace, epoch: int) -> Dict[str, Any]:
                lr=sum(g['lr'] for g in run.optimizer.param_groups) / len(run.optimizer.param_groups),
                train_img_per_sec=train['img_per_sec'])
     run.metric = train['loss']
+    if (epoch + 1) % args.val_interval and epoch + 1 != run.num_epochs:
+        run.metric = None  # as timm: no validation and no checkpoint this epoch
+        return row
     if run.eval_loader is None:
         return row
     full = validate(run.eval_model, run.eval_loader, cfg)
@@ -191,7 +236,8 @@ def run_epoch(run: SimpleNamespace, epoch: int) -> Dict[str, Any]:
         ema_metrics = validate(task.get_eval_model(ema=True), run.eval_loader, cfg, label='Test (EMA)')
         row.update({f'ema_{k}': v for k, v in ema_metrics.items()})
         run.metric = ema_metrics[run.eval_metric]  # as timm: the EMA model decides the best checkpoint
-    row.update(validate_subnets(run.eval_model, run.eval_loader, cfg, run.panel))
+    if run.panel:
+        row.update(validate_subnets(run.eval_model, run.eval_loader, cfg, run.panel))
     return row
 
 
@@ -201,7 +247,11 @@ def save_epoch(run: SimpleNamespace, epoch: int, row: Dict[str, Any]) -> None:
     if run.saver is None:
         return
     run.summary.append(row)
+    for tracker in run.trackers:
+        tracker.log(epoch, row)
     saver = run.saver
+    if run.metric is None:  # an epoch between --val-interval validations
+        return
     if saver.best_metric is None or saver.cmp(run.metric, saver.best_metric):
         ema = run.task.has_ema() and not run.args.model_ema_force_cpu
         state = run.task.get_checkpoint_state(ema=ema)
@@ -238,21 +288,35 @@ def push_to_hub(run: SimpleNamespace) -> None:
         fail(str(e))
 
 
+def train(run: SimpleNamespace) -> Optional[Dict[str, Any]]:
+    """The epochs; the trackers are closed however the run ends."""
+    row = None
+    try:
+        for epoch in range(run.start_epoch, run.num_epochs):
+            row = run_epoch(run, epoch)
+            if run.lr_scheduler is not None:
+                run.lr_scheduler.step(epoch + 1, run.metric)
+            save_epoch(run, epoch, row)
+    finally:
+        for tracker in run.trackers:
+            tracker.close()
+    return row
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, parser = parse_args(argv)
     setup_logging(primary=int(os.environ.get('RANK', '0')) == 0)
     try:
-        run = setup(args)
+        pre = preflight(args, builtin_defaults())  # everything checkable without data or a real model
+        run = setup(args, pre)
     except SETUP_ERRORS as e:
         fail(str(e))
     run.parser = parser
     prepare(run)
-    row = None
-    for epoch in range(run.start_epoch, run.num_epochs):
-        row = run_epoch(run, epoch)
-        if run.lr_scheduler is not None:
-            run.lr_scheduler.step(epoch + 1, run.metric)
-        save_epoch(run, epoch, row)
+    try:
+        row = train(run)
+    except TrainingStopped as e:
+        fail(str(e), code=1)
     if args.distributed:
         torch.distributed.destroy_process_group()
     if run.saver is not None and run.saver.best_metric is not None:

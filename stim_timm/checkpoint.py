@@ -74,7 +74,7 @@ def read_torch_checkpoint(path: str) -> Any:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return ' '.join(text.split()) if text else type(e).__name__
 
 
 def _as_dict(args: Any) -> Dict[str, Any]:
@@ -171,6 +171,6 @@ def load_trained_model(path: str, model_name: Optional[str] = None, num_classes:
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         detail = ' '.join(l.strip() for l in first[:2])
-        raise CheckpointError(f'{weights.path}: weights do not match {name} ({detail[:300]})') from None
+        raise CheckpointError(f'{weights.path}: weights do not match {name} ({detail})') from None
     weights.model, weights.num_classes = name, model.num_classes
     return model, weights

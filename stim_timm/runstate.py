@@ -8,11 +8,12 @@ plain dicts) and every file is replaced atomically: a kill -9 during a save leav
 """
 import argparse
 import csv
+import glob
 import os
 import random
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,8 +22,31 @@ from timm.utils import CheckpointSaver
 
 from .checkpoint import CheckpointError, atomic_torch_save, read_torch_checkpoint
 
-__all__ = ['default_mode', 'capture_rng', 'restore_rng', 'StimCheckpointSaver', 'load_resume',
+__all__ = ['RUN_FILES', 'run_files', 'clean_run_folder', 'default_mode', 'capture_rng', 'restore_rng', 'StimCheckpointSaver', 'load_resume',
            'apply_resume', 'apply_resume_ema', 'SummaryWriter']
+
+
+# What a run writes into its folder (a second run may not mix its files with these), and the
+# temporary files a kill can leave behind.
+TEMP_FILES = ('.tmp-*', 'tmp.pth.tar', 'recovery_tmp.pth.tar')
+RUN_FILES = ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'model.safetensors',
+             'checkpoint-*.pth.tar', 'recovery-*.pth.tar', 'train-batch-*.jpg') + TEMP_FILES
+
+
+def run_files(folder: str, patterns: Sequence[str] = RUN_FILES) -> List[str]:
+    """Names in ``folder`` matching ``patterns`` (an earlier run's files by default), sorted."""
+    found = set()
+    for pattern in patterns:
+        found.update(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(folder), pattern)))
+    return sorted(found)
+
+
+def clean_run_folder(folder: str, everything: bool = False) -> List[str]:
+    """Delete the partial saves a kill left (``everything``: an earlier run's files too); the names."""
+    names = run_files(folder, RUN_FILES if everything else TEMP_FILES)
+    for name in names:
+        os.unlink(os.path.join(folder, name))
+    return names
 
 
 def default_mode(path: str) -> None:
@@ -118,7 +142,7 @@ def load_resume(path: str) -> Dict[str, Any]:
 
 def _first_line(e: Exception) -> str:
     lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
-    return ' '.join(lines[:2])[:300]
+    return ' '.join(lines[:2])
 
 
 @contextmanager

@@ -2,12 +2,12 @@
 the stimulative-training flags.
 
 A ``-c/--config`` YAML sets defaults and the command line wins, as in timm, so a timm user's command
-line and YAML keep working. timm flags this script does not implement are still *accepted* (a
-YAML or command line that leaves them at their defaults runs unchanged) but setting one is a clear
-error instead of being silently ignored.
+line and YAML keep working. Every flag of timm's train.py parses (tests/data/timm_train_flags.txt);
+the few that cannot work here (``REFUSED``: NaFlex, TorchScript, per-batch loss scaling) are accepted
+at their defaults and setting one is a one-line error saying why. A YAML key that is no flag, or a
+value the command line could not produce (type, count, choices), is an error too (exit 2).
 """
 import argparse
-import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
@@ -15,29 +15,21 @@ from timm.utils import ParseKwargs
 
 from .inputs import PAPER_MIN_SCALE, check_min_scale
 
-__all__ = ['build_parser', 'parse_args', 'stim_options', 'stim_enabled', 'args_to_yaml', 'UNSUPPORTED']
+__all__ = ['build_parser', 'parse_args', 'stim_options', 'stim_enabled', 'args_to_yaml', 'REFUSED', 'refused_reason',
+           'builtin_defaults', 'config_value_error']
 
-# timm train.py flags accepted but not implemented here: (flags, default, argparse kwargs).
-UNSUPPORTED: List[Tuple[Tuple[str, ...], Any, Dict[str, Any]]] = [
-    (('--aug-splits',), 0, dict(type=int)),
-    (('--jsd-loss',), False, dict(action='store_true')),
-    (('--split-bn',), False, dict(action='store_true')),
-    (('--torchscript',), False, dict(action='store_true')),
-    (('--fuser',), '', dict(type=str)),
-    (('--fast-norm',), False, dict(action='store_true')),
-    (('--epoch-repeats',), 0., dict(type=float)),
-    (('--val-interval',), 1, dict(type=int)),
-    (('--recovery-interval',), 0, dict(type=int)),
-    (('--save-images',), False, dict(action='store_true')),
-    (('--device-modules',), None, dict(type=str, nargs='+')),
-    (('--log-wandb',), False, dict(action='store_true')),
-    (('--wandb-project',), None, dict(type=str)),
-    (('--wandb-tags',), [], dict(type=str, nargs='+')),
-    (('--wandb-resume-id',), '', dict(type=str)),
-    (('--naflex-loader',), False, dict(action='store_true')),
-    (('--train-img-sizes',), None, dict(type=int, nargs='+')),
-    (('--kd-model-name',), None, dict(type=str)),
-]
+# timm train.py flags that cannot work here, with the reason printed when one is set.
+REFUSED: Dict[str, str] = {
+    'torchscript': 'a TorchScript model cannot switch sub-networks (training and the per-epoch sub-network '
+                   'validation run Python code in the model); use --torchcompile',
+    'variable_batch_loss_scale': "per-batch loss scaling is not in stim_timm's training loop (the CE and "
+                                 "sub-network terms would need the same scale); keep the default 'none'",
+}
+NAFLEX_REASON = ('NaFlex batches are patch dictionaries for NaFlexViT models; the stim sub-networks, the small '
+                 'inputs and the training loop take image tensors')
+REFUSED.update({dest: NAFLEX_REASON for dest in (
+    'naflex_loader', 'naflex_train_seq_lens', 'naflex_max_seq_len', 'naflex_patch_sizes', 'naflex_patch_size_probs',
+    'naflex_loss_scale', 'naflex_patchify_channels_first')})
 
 # Stim modifiers and their built-in defaults: setting one without enabling ST is an error.
 STIM_MODIFIERS: Dict[str, Any] = dict(
@@ -93,6 +85,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--head-init-bias', default=None, type=float)
     _add(g, '--torchcompile', nargs='?', type=str, default=None, const='inductor')
     _add(g, '--torchcompile-mode', type=str, default=None)
+    _add(g, '--torchscript', action='store_true', default=False, help=argparse.SUPPRESS)
+    _add(g, '--fuser', default='', type=str, help='TorchScript fuser: "te", "old" or "nvfuser"')
+    _add(g, '--fast-norm', action='store_true', default=False, help="timm's fast (fused) norm layers")
 
 
 def _device_flags(p: argparse.ArgumentParser) -> None:
@@ -104,6 +99,7 @@ def _device_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--no-ddp-bb', action='store_true', default=False)
     _add(g, '--synchronize-step', action='store_true', default=False)
     _add(g, '--local_rank', '--local-rank', default=0, type=int)
+    _add(g, '--device-modules', default=None, type=str, nargs='+', help='python modules to import (device plugins)')
 
 
 def _optim_flags(p: argparse.ArgumentParser) -> None:
@@ -139,6 +135,7 @@ def _sched_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--warmup-lr', type=float, default=1e-5)
     _add(g, '--min-lr', type=float, default=0)
     _add(g, '--epochs', type=int, default=300)
+    _add(g, '--epoch-repeats', type=float, default=0., help='repeat the training set N times per epoch')
     _add(g, '--start-epoch', default=None, type=int)
     _add(g, '--decay-milestones', default=[90, 180, 270], type=int, nargs='+')
     _add(g, '--decay-epochs', type=float, default=90)
@@ -163,6 +160,8 @@ def _aug_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--gaussian-blur-prob', type=float, default=None)
     _add(g, '--aa', type=str, default=None, help='AutoAugment / RandAugment policy')
     _add(g, '--aug-repeats', type=float, default=0)
+    _add(g, '--aug-splits', type=int, default=0, help='AugMix splits: clean + N-1 augmented views of each image')
+    _add(g, '--jsd-loss', action='store_true', default=False, help='Jensen-Shannon consistency over --aug-splits')
     _add(g, '--bce-loss', action='store_true', default=False)
     _add(g, '--bce-sum', action='store_true', default=False)
     _add(g, '--bce-target-thresh', type=float, default=None)
@@ -189,6 +188,7 @@ def _aug_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--bn-eps', type=float, default=None)
     _add(g, '--sync-bn', action='store_true', default=False, help='synchronized BN (CUDA only)')
     _add(g, '--dist-bn', type=str, default='reduce', help='"broadcast", "reduce" or "" after each epoch')
+    _add(g, '--split-bn', action='store_true', default=False, help='separate BN statistics per augmentation split')
     g = p.add_argument_group('Model EMA')
     _add(g, '--model-ema', action='store_true', default=False)
     _add(g, '--model-ema-force-cpu', action='store_true', default=False)
@@ -201,22 +201,67 @@ def _misc_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--seed', type=int, default=42, help='seeds data order, augmentation and sub-network draws')
     _add(g, '--worker-seeding', type=str, default='all')
     _add(g, '--log-interval', type=int, default=50, metavar='N')
+    _add(g, '--val-interval', type=int, default=1, metavar='N', help='validate and checkpoint every N epochs')
+    _add(g, '--recovery-interval', type=int, default=0, metavar='N', help='recovery checkpoint every N updates')
     _add(g, '--checkpoint-hist', type=int, default=10, metavar='N')
     _add(g, '-j', '--workers', type=int, default=4, metavar='N')
+    _add(g, '--save-images', action='store_true', default=False, help='save the logged training batches as JPEG')
     _add(g, '--pin-mem', action='store_true', default=False)
     _add(g, '--no-prefetcher', action='store_true', default=False)
     _add(g, '--output', default='', metavar='PATH', help='default: ./output/train')
     _add(g, '--experiment', default='', metavar='NAME', help='run sub-folder name (default: generated)')
+    _add(g, '--overwrite', action='store_true', default=False,
+         help="replace an existing run in the output folder (its files are deleted first)")
     _add(g, '--eval-metric', default='top1', metavar='EVAL_METRIC')
     _add(g, '--tta', type=int, default=0, metavar='N')
     _add(g, '--use-multi-epochs-loader', action='store_true', default=False)
-    g = p.add_argument_group('timm flags not supported by this script (setting one is an error)')
-    for flags, default, kwargs in UNSUPPORTED:
-        _add(g, *flags, default=default, help=argparse.SUPPRESS, **kwargs)
+    g = p.add_argument_group('Experiment tracking')
+    _add(g, '--log-wandb', action='store_true', default=False, help='log to Weights & Biases (pip install wandb)')
+    _add(g, '--wandb-project', default=None, type=str)
+    _add(g, '--wandb-tags', default=[], type=str, nargs='+')
+    _add(g, '--wandb-resume-id', default='', type=str, metavar='ID', help='continue this wandb run (with --resume)')
+    _add(g, '--log-tensorboard', default=None, metavar='DIR', help='write TensorBoard event files to DIR')
     g = p.add_argument_group('Hugging Face Hub')
     _add(g, '--push-to-hub', default=None, metavar='REPO_ID', help='push the best checkpoint when done')
     _add(g, '--hub-private', action='store_true', default=False)
     _add(g, '--hub-revision', default=None, metavar='R')
+
+
+def _size_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('Variable training image size (sub-network small inputs scale from the batch size)')
+    _add(g, '--train-img-sizes', type=int, nargs='+', default=None, metavar='N')
+    _add(g, '--train-batch-sizes', type=int, nargs='+', default=None, metavar='N')
+    _add(g, '--train-size-probs', type=float, nargs='+', default=None)
+    _add(g, '--train-size-schedule', type=str, default='constant', choices=('constant', 'progressive'))
+    _add(g, '--train-size-schedule-spread', type=float, default=0.65)
+    _add(g, '--train-size-random-mix', type=float, default=0.1)
+    _add(g, '--train-batches-per-epoch', '--train-steps-per-epoch', type=int, default=None, metavar='N')
+    _add(g, '--variable-batch-loss-scale', default='none', type=str, choices=('none', 'sqrt', 'linear'),
+         help=argparse.SUPPRESS)
+    g = p.add_argument_group('NaFlex loader (refused: ' + NAFLEX_REASON + ')')
+    _add(g, '--naflex-loader', action='store_true', default=False, help=argparse.SUPPRESS)
+    _add(g, '--naflex-train-seq-lens', type=int, nargs='+', default=[128, 256, 576, 784, 1024], help=argparse.SUPPRESS)
+    _add(g, '--naflex-max-seq-len', type=int, default=576, help=argparse.SUPPRESS)
+    _add(g, '--naflex-patch-sizes', type=int, nargs='+', default=None, help=argparse.SUPPRESS)
+    _add(g, '--naflex-patch-size-probs', type=float, nargs='+', default=None, help=argparse.SUPPRESS)
+    _add(g, '--naflex-loss-scale', default='linear', type=str, choices=('none', 'sqrt', 'linear'),
+         help=argparse.SUPPRESS)
+    _add(g, '--naflex-patchify-channels-first', action='store_true', default=False, help=argparse.SUPPRESS)
+
+
+def _kd_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('Knowledge distillation (timm distillation tasks; composes with the stim loss)')
+    _add(g, '--kd-model-name', default=None, type=str, metavar='MODEL', help='teacher model (timm name)')
+    _add(g, '--kd-distill-type', default='logit', type=str, choices=('logit', 'feature', 'token'))
+    _add(g, '--kd-loss-type', default='kl', type=str)
+    _add(g, '--distill-loss-weight', default=None, type=float)
+    _add(g, '--task-loss-weight', default=None, type=float)
+    _add(g, '--kd-temperature', default=4.0, type=float)
+    _add(g, '--kd-student-feature-dim', default=None, type=int)
+    _add(g, '--kd-teacher-feature-dim', default=None, type=int)
+    _add(g, '--kd-token-distill-type', default='soft', type=str, choices=('soft', 'hard'))
+    _add(g, '--kd-pretrained-path', default=None, metavar='FILE',
+         help="teacher weights from a local file instead of the teacher's pretrained tag")
 
 
 def _stim_flags(p: argparse.ArgumentParser) -> None:
@@ -251,9 +296,49 @@ def build_parser() -> argparse.ArgumentParser:
                 description='Train a timm model with stimulative training (ST / ST++), or without.')
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML of defaults (command line wins)')
     for add in (_data_flags, _model_flags, _device_flags, _optim_flags, _sched_flags, _aug_flags,
-                _misc_flags, _stim_flags):
+                _misc_flags, _size_flags, _kd_flags, _stim_flags):
         add(p)
     return p
+
+
+def _type_name(action: argparse.Action) -> str:
+    return {int: 'an integer', float: 'a number'}.get(action.type, 'a string')
+
+
+def _scalar_error(action: argparse.Action, value: Any) -> Optional[str]:
+    """Why ``value`` is not what ``action`` would produce from the command line, or None."""
+    if value is None:
+        return None if action.default is None or action.nargs == '?' else 'must not be null'
+    if action.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif action.type is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        return f'must be {_type_name(action)}, got {value!r}'
+    if action.choices is not None and value not in action.choices:
+        return f'must be one of {", ".join(map(str, action.choices))}, got {value!r}'
+    return None
+
+
+def config_value_error(action: argparse.Action, value: Any) -> Optional[str]:
+    """YAML values are checked as strictly as the command line checks its strings: type, count, choices."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return None if isinstance(value, bool) else f'must be true or false, got {value!r}'
+    if isinstance(action, ParseKwargs):
+        return None if isinstance(value, dict) else f'must be a mapping of keyword arguments, got {value!r}'
+    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        if value is None and action.default is None:
+            return None
+        if not isinstance(value, list):
+            return f'must be a list, got {value!r}'
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            return f'must be a list of {action.nargs} values, got {value!r}'
+        if action.nargs == '+' and not value and value != action.default:
+            return 'must be a non-empty list'
+        return next((e for e in (_scalar_error(action, v) for v in value) if e), None)
+    return _scalar_error(action, value)
 
 
 def _load_config(parser: argparse.ArgumentParser, path: str) -> None:
@@ -261,30 +346,49 @@ def _load_config(parser: argparse.ArgumentParser, path: str) -> None:
         with open(path) as f:
             cfg = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as e:
-        parser.error(f'config {path}: {getattr(e, "strerror", None) or e}')
+        parser.error(f'config {path}: {getattr(e, "strerror", None) or " ".join(str(e).split())}')
     if not isinstance(cfg, dict):
         parser.error(f'config {path}: expected a mapping of flag names to values')
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(k for k in cfg if k not in known)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
+    unknown = sorted(str(k) for k in cfg if k not in actions and k != 'config')
     if unknown:
-        print(f'{parser.prog}: warning: config {path}: ignoring unknown keys {", ".join(unknown)}',
-              file=sys.stderr)
-    parser.set_defaults(**{k: v for k, v in cfg.items() if k in known and k != 'config'})
+        parser.error(f'config {path}: unknown keys {", ".join(unknown)} (neither timm train.py nor stim flags)')
+    for key, value in cfg.items():
+        err = config_value_error(actions[key], value) if key in actions else None
+        if err:
+            parser.error(f'config {path}: {key} {err}')
+    parser.set_defaults(**{k: v for k, v in cfg.items() if k != 'config'})
+
+
+def refused_reason(args: argparse.Namespace, defaults: Dict[str, Any]) -> Optional[str]:
+    """One line for the first refused timm flag that is set (differs from timm's default), or None."""
+    for dest, reason in REFUSED.items():
+        if getattr(args, dest) != defaults[dest]:
+            return f"--{dest.replace('_', '-')}: {reason}"
+    return None
+
+
+def builtin_defaults() -> Dict[str, Any]:
+    """Every flag's default before any ``-c`` YAML (a value differing from it was *set*)."""
+    return {a.dest: a.default for a in build_parser()._actions}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, argparse.ArgumentParser]:
-    """Parse like timm: the ``-c`` YAML first becomes the defaults, then the command line."""
+    """Parse like timm: the ``-c`` YAML first becomes the defaults, then the command line.
+
+    Unknown YAML keys, YAML values of the wrong type and refused timm flags are errors (exit 2).
+    """
     parser = build_parser()
+    builtin = builtin_defaults()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('-c', '--config', default='')
     known, _ = pre.parse_known_args(argv)
     if known.config:
         _load_config(parser, known.config)
     args = parser.parse_args(argv)
-    for flags, default, _ in UNSUPPORTED:
-        dest = flags[0].lstrip('-').replace('-', '_')
-        if getattr(args, dest) != default:
-            parser.error(f'{flags[0]} (a timm train.py option) is not supported by train_stim.py')
+    reason = refused_reason(args, builtin)
+    if reason:
+        parser.error(reason)
     if args.data and not args.data_dir:
         args.data_dir = args.data
     return args, parser
@@ -306,6 +410,8 @@ def stim_options(args: argparse.Namespace) -> Dict[str, Any]:
             names = ', '.join('--' + k.replace('_', '-') for k in changed) or '--stim-subnets'
             raise ValueError(f'{names} needs stimulative training: add --stim, --stim-kl-minus or --stim-pp')
         return dict(num_subnets=0)
+    if args.stim_subnets == 0:
+        raise ValueError('--stim-subnets 0 trains no sub-network: give 1 or more, or drop the stim flags')
     small = args.stim_small_input
     if small is None and args.stim_pp:
         small = PAPER_MIN_SCALE
@@ -323,6 +429,7 @@ def stim_options(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def args_to_yaml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
-    """The parsed flags (no runtime fields, no ``config``) as YAML, loadable again with ``-c``."""
-    dests = [a.dest for a in parser._actions if a.dest not in ('help', 'config')]
+    """The parsed flags (no runtime fields, no ``config``, never ``overwrite``: a saved config must not
+    delete a run) as YAML, loadable again with ``-c``."""
+    dests = [a.dest for a in parser._actions if a.dest not in ('help', 'config', 'overwrite')]
     return yaml.safe_dump({d: getattr(args, d) for d in dests}, default_flow_style=False)

@@ -7,12 +7,13 @@ from typing import Any, Optional, Tuple
 import timm
 import torch
 import torch.nn as nn
-from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader
+from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from .models import create_stimulative
 
-__all__ = ['resolve_model_name', 'create_stim_model', 'create_datasets', 'create_loaders', 'train_loss']
+__all__ = ['resolve_model_name', 'create_stim_model', 'create_datasets', 'create_loaders', 'train_loss',
+           'distillation_task']
 
 
 def resolve_model_name(name: str, stim_on: bool) -> Tuple[str, bool]:
@@ -68,12 +69,15 @@ def create_datasets(args, data_config) -> Tuple[Any, Optional[Any]]:
             out.append(None)
             continue
         try:
+            extra = dict(repeats=args.epoch_repeats) if training and args.epoch_repeats else {}
             ds = create_dataset(args.dataset, split=split, is_training=training, seed=args.seed,
-                                num_samples=num, **common)
+                                num_samples=num, **common, **extra)
         except RuntimeError as e:  # timm's reader: no images found
             raise ValueError(f'{split} split of {args.data_dir}: no images ({e})') from None
         if not isinstance(ds, torch.utils.data.IterableDataset) and len(ds) == 0:
             raise ValueError(f'{split} split of {args.data_dir}: no images')
+        if training and args.aug_splits > 1:
+            ds = AugMixDataset(ds, num_splits=args.aug_splits)  # clean + augmented views of each image
         out.append(ds)
     return out[0], out[1]
 
@@ -89,7 +93,18 @@ def create_loaders(args, data_config, device, datasets) -> Tuple[Any, Optional[A
     common = dict(input_size=data_config['input_size'], mean=data_config['mean'], std=data_config['std'],
                   num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem,
                   img_dtype=args.torch_model_dtype or torch.float32, device=device,
-                  use_prefetcher=args.prefetcher)
+                  use_prefetcher=args.prefetcher, persistent_workers=False)
+    # Non-persistent workers: each epoch's worker seeds come from the main RNG, which a checkpoint
+    # restores, so a resumed epoch sees the same augmentations as an uninterrupted one.
+    sizes = {} if args.train_img_sizes is None else dict(
+        input_size_choices=args.train_img_sizes, batch_size_choices=args.train_batch_sizes,
+        batch_choice_weights=args.train_size_probs, batch_choice_seed=args.seed,
+        batch_choice_schedule=args.train_size_schedule,
+        batch_schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
+        batch_schedule_spread=args.train_size_schedule_spread,
+        batch_schedule_random_mix=args.train_size_random_mix)
+    if args.train_batches_per_epoch:
+        sizes['num_batches'] = args.train_batches_per_epoch
     train_loader = create_loader(
         train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, re_count=args.recount, re_split=args.resplit, train_crop_mode=args.train_crop_mode,
@@ -98,7 +113,8 @@ def create_loaders(args, data_config, device, datasets) -> Tuple[Any, Optional[A
         gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=args.aug_repeats,
         interpolation=data_config['interpolation'] if args.no_aug or not args.train_interpolation
         else args.train_interpolation, collate_fn=collate, worker_seeding=args.worker_seeding,
-        use_multi_epochs_loader=args.use_multi_epochs_loader, **common)
+        use_multi_epochs_loader=args.use_multi_epochs_loader, num_aug_splits=max(args.aug_splits, 0),
+        **sizes, **common)
     if hasattr(train_loader.sampler, 'seed'):  # DDP data order follows --seed too
         train_loader.sampler.seed = args.seed
     eval_loader = None if eval_ds is None else create_loader(
@@ -107,10 +123,32 @@ def create_loaders(args, data_config, device, datasets) -> Tuple[Any, Optional[A
     return train_loader, eval_loader, mixup_fn
 
 
+def distillation_task(args, model: nn.Module, criterion: nn.Module, device, dtype, verbose: bool) -> nn.Module:
+    """timm's distillation task for ``--kd-*`` (as timm's train.py builds it); the teacher's weights
+    come from its pretrained tag or ``--kd-pretrained-path``. A teacher that cannot load is a ValueError."""
+    from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
+    common = dict(student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
+                  teacher_pretrained_path=args.kd_pretrained_path, distill_loss_weight=args.distill_loss_weight,
+                  task_loss_weight=args.task_loss_weight, device=device, dtype=dtype, verbose=verbose)
+    try:
+        if args.kd_distill_type == 'feature':
+            return FeatureDistillationTask(**common, student_feature_dim=args.kd_student_feature_dim,
+                                           teacher_feature_dim=args.kd_teacher_feature_dim)
+        if args.kd_distill_type == 'token':
+            return TokenDistillationTask(**common, distill_type=args.kd_token_distill_type,
+                                         temperature=args.kd_temperature)
+        return LogitDistillationTask(**common, loss_type=args.kd_loss_type, temperature=args.kd_temperature)
+    except RuntimeError as e:  # e.g. no pretrained weights for the teacher, or weights that do not fit
+        raise ValueError(f'teacher {args.kd_model_name}: {" ".join(str(e).split())}') from None
+
+
 def train_loss(args) -> nn.Module:
-    """timm's choice: soft-target CE under mixup/cutmix, label smoothing, optional BCE."""
+    """timm's choice: JSD over augmentation splits, soft-target CE under mixup/cutmix, label smoothing,
+    optional BCE."""
     mixup_on = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     bce = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if args.jsd_loss:
+        return JsdCrossEntropy(num_splits=args.aug_splits, smoothing=args.smoothing)
     if args.bce_loss:
         return BinaryCrossEntropy(smoothing=0. if mixup_on else args.smoothing, **bce)
     if mixup_on:

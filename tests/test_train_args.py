@@ -80,9 +80,37 @@ def test_stim_option_errors(flags, message):
 
 
 def test_parse_errors_are_one_line(capsys):
-    for argv in (['--stim-small-input', 'abc'], ['--no-such-flag'], ['--log-wandb']):
+    for argv in (['--stim-small-input', 'abc'], ['--no-such-flag'], ['--torchscript']):
         with pytest.raises(SystemExit) as e:
             parse_args(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith('train_stim.py: error: ')
+
+
+@pytest.mark.parametrize('text, message', [
+    ('epochs: 1.5', 'epochs must be an integer, got 1.5'),
+    ('model: 123', 'model must be a string, got 123'),
+    ('epochs: [1, 2]', 'epochs must be an integer, got [1, 2]'),
+    ('amp_dtype: float64', "amp_dtype must be one of float16, bfloat16, got 'float64'"),
+    ('train_size_schedule: fast', "train_size_schedule must be one of constant, progressive, got 'fast'"),
+    ('scale: 0.5', 'scale must be a list, got 0.5'),
+    ('input_size: [3, 32]', 'input_size must be a list of 3 values, got [3, 32]'),
+    ('amp: yes please', "amp must be true or false, got 'yes please'"),
+    ('model_kwargs: [a]', "model_kwargs must be a mapping of keyword arguments, got ['a']"),
+    ('epochs: null', 'epochs must not be null'),
+    ('no_such_key: 1\nanother: 2', 'unknown keys another, no_such_key (neither timm train.py nor stim flags)'),
+])
+def test_yaml_is_as_strict_as_the_command_line(tmp_path, capsys, text, message):
+    (tmp_path / 'c.yaml').write_text(text + '\n')
+    with pytest.raises(SystemExit) as e:
+        parse_args(['-c', str(tmp_path / 'c.yaml'), 'data'])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f'train_stim.py: error: config {tmp_path / "c.yaml"}: {message}']
+
+
+def test_yaml_accepts_what_the_command_line_would(tmp_path):
+    (tmp_path / 'c.yaml').write_text('lr: 1\nscale: [0.5, 1]\nstim_small_input: null\ntorchcompile: inductor\n'
+                                     'model_kwargs: {drop_rate: 0.1}\nwandb_tags: []\n')
+    args, _ = parse_args(['-c', str(tmp_path / 'c.yaml'), 'data'])
+    assert args.lr == 1 and args.scale == [0.5, 1] and args.model_kwargs == {'drop_rate': 0.1}

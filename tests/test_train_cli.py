@@ -198,12 +198,13 @@ BAD_INPUTS = {
     'mismatched_resume': (lambda d, t: [d, '--resume', _mismatched_checkpoint(t / 'r56.pth.tar')],
                           'does not match this run'),
     'modifier_without_stim': (lambda d, t: [d, '--stim-weight', '2'], 'needs stimulative training'),
-    'unsupported_timm_flag': (lambda d, t: [d, '--jsd-loss'], 'not supported'),
+    'refused_timm_flag': (lambda d, t: [d, '--naflex-loader'], '--naflex-loader: NaFlex batches are patch'),
 }
 
 
 def _empty(t: Path) -> Path:
-    (t / 'empty' / 'train' / 'cat').mkdir(parents=True)
+    for split in ('train', 'test'):
+        (t / 'empty' / split / 'cat').mkdir(parents=True)
     return t / 'empty'
 
 
@@ -221,8 +222,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(small_data, tmp_path, c
         (run / n).write_bytes(b)
     make_args, message = BAD_INPUTS[case]
     # defaults first: the case's own flags (e.g. another --model) come later and win
+    # --overwrite: even a run allowed to replace the folder deletes nothing when its input is bad
     proc = train(['--model', 'stim_resnet20_cifar', '-j', '0', '--epochs', '1', '--output', tmp_path / 'out',
-                  '--experiment', 'exp', *make_args(small_data, tmp_path)], check=False)
+                  '--experiment', 'exp', '--val-split', 'test', '--overwrite', *make_args(small_data, tmp_path)],
+                 check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith('train_stim.py: error: '), proc.stderr

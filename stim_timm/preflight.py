@@ -1,0 +1,425 @@
+"""Up-front checks of ``train_stim.py``: every bad input that needs no data loading or real model.
+
+They run before the script builds anything (a model on the ``meta`` device gives the stage depths and
+parameter shapes in milliseconds), so a typo fails in well under a second with one line instead of
+after the model, the datasets and timm's data config. Each failure is a ``BadInput`` (a ValueError):
+the script prints its message as one ``error:`` line and exits 2. Anything else that escapes is a
+bug and keeps its traceback.
+"""
+import argparse
+import importlib
+import importlib.util
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, read_torch_checkpoint
+from .runstate import clean_run_folder, run_files
+from .inputs import SmallInput
+from .models import is_stim_model, make_stimulative
+from .sampling import rule_max_drops
+from .train_args import stim_options
+from .train_setup import resolve_model_name
+
+__all__ = ['BadInput', 'Preflight', 'preflight', 'one_line', 'check_values', 'check_model', 'check_data',
+           'check_checkpoints', 'check_output', 'check_services', 'clean_run_folder']
+
+
+class BadInput(ValueError):
+    """Bad input found before any work: one line, exit code 2."""
+
+
+def one_line(message: Any) -> str:
+    """The whole message on one line (never cut: the end of an error often says what to do)."""
+    return ' '.join(str(message).split()) or 'failed'
+
+
+@dataclass
+class Preflight:
+    """What the checks found and the script reuses instead of finding it again."""
+    model: str  # resolved name (the stim variant when there is one)
+    is_stim: bool
+    stage_depths: Tuple[int, ...]
+    run_dir: Optional[str]  # None when the experiment name is generated at start
+    resume: Optional[Dict[str, Any]]  # the --resume checkpoint, already read
+
+
+# ---- values and flag conflicts (no file system) -------------------------------------------------
+def _flag(dest: str) -> str:
+    return '--' + dest.replace('_', '-')
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise BadInput(message)
+
+
+def _range(args, dest: str, lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
+           hi_open: bool = False) -> None:
+    v = getattr(args, dest)
+    values = v if isinstance(v, (list, tuple)) else [v]
+    for x in values:
+        if x is None:
+            continue
+        bad = not math.isfinite(x) or (lo is not None and (x <= lo if lo_open else x < lo)) or \
+            (hi is not None and (x >= hi if hi_open else x > hi))
+        if bad:
+            left = '(' if lo_open else '['
+            right = ')' if hi_open else ']'
+            low, high = ('-inf' if lo is None else f'{lo:g}'), ('inf' if hi is None else f'{hi:g}')
+            interval = f'{left}{low}, {high}{right}'
+            raise BadInput(f'{_flag(dest)} must be in {interval}, got {v}')
+
+
+INTS_AT_LEAST = dict(epochs=1, batch_size=1, validation_batch_size=1, workers=0, grad_accum_steps=1,
+                     log_interval=1, val_interval=1, recovery_interval=0, checkpoint_hist=1, tta=0,
+                     stim_eval_subnets=0, stim_start_epoch=0, warmup_epochs=0, cooldown_epochs=0,
+                     train_batches_per_epoch=1, img_size=1, num_classes=1, in_chans=1, input_size=1,
+                     train_img_sizes=1, train_batch_sizes=1, train_num_samples=1, val_num_samples=1,
+                     mixup_off_epoch=0, start_epoch=0, kd_student_feature_dim=1, kd_teacher_feature_dim=1)
+PROBABILITIES = ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'color_jitter_prob',
+                 'grayscale_prob', 'gaussian_blur_prob', 'train_size_random_mix', 'drop', 'drop_path',
+                 'drop_connect', 'drop_block')
+# flag -> the flag it needs (set at a non-default value it would otherwise be silently ignored)
+NEEDS = {
+    'wandb_project': 'log_wandb', 'wandb_tags': 'log_wandb', 'wandb_resume_id': 'log_wandb',
+    'hub_private': 'push_to_hub', 'hub_revision': 'push_to_hub', 'no_resume_opt': 'resume',
+    'model_ema_force_cpu': 'model_ema', 'model_ema_warmup': 'model_ema', 'model_ema_decay': 'model_ema',
+    'kd_distill_type': 'kd_model_name', 'kd_loss_type': 'kd_model_name', 'distill_loss_weight': 'kd_model_name',
+    'task_loss_weight': 'kd_model_name', 'kd_temperature': 'kd_model_name',
+    'kd_student_feature_dim': 'kd_model_name', 'kd_teacher_feature_dim': 'kd_model_name',
+    'kd_token_distill_type': 'kd_model_name', 'kd_pretrained_path': 'kd_model_name', 'train_batch_sizes': 'train_img_sizes',
+    'train_size_probs': 'train_img_sizes', 'train_size_schedule': 'train_img_sizes',
+    'train_size_schedule_spread': 'train_img_sizes', 'train_size_random_mix': 'train_img_sizes',
+    'train_batches_per_epoch': 'train_img_sizes',  # timm's loader reads it only with scheduled sizes
+}
+
+
+def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
+    """Counts, ranges and flag conflicts: impossible values are refused before any work."""
+    for dest, lo in INTS_AT_LEAST.items():
+        _range(args, dest, lo)
+    for dest in PROBABILITIES:
+        _range(args, dest, 0, 1)
+    _range(args, 'smoothing', 0, 1, hi_open=True)
+    _range(args, 'lr', 0)
+    _range(args, 'weight_decay', 0)
+    _range(args, 'epoch_repeats', 0)
+    _range(args, 'model_ema_decay', 0, 1, lo_open=True)
+    _range(args, 'kd_temperature', 0, lo_open=True)
+    _range(args, 'stim_temp', 0, lo_open=True)
+    _range(args, 'stim_amplitude', 0, lo_open=True)
+    _range(args, 'stim_weight', 0)
+    _range(args, 'stim_small_input', 0, 1, lo_open=True)
+    _range(args, 'stim_subnets', 0)
+    _range(args, 'train_size_probs', 0)
+    for dest in ('scale', 'ratio'):
+        v = getattr(args, dest)
+        _need(len(v) == 2 and 0 < v[0] <= v[1] and all(map(math.isfinite, v)),
+              f'{_flag(dest)} must be two numbers 0 < low <= high, got {v}')
+    _need(args.fuser in ('', 'te', 'old', 'legacy', 'nvfuser', 'nvf'),
+          f"--fuser must be te, old or nvfuser, got '{args.fuser}'")
+    _need(args.eval_metric in ('top1', 'top5', 'loss'),
+          f"--eval-metric must be top1, top5 or loss, got '{args.eval_metric}'")
+    _need(args.aug_splits != 1 and args.aug_splits >= 0,
+          f'--aug-splits must be 0 (off) or at least 2 (clean + augmented views), got {args.aug_splits}')
+    for dest, needed in NEEDS.items():
+        if getattr(args, dest) != defaults[dest] and not getattr(args, needed):
+            raise BadInput(f'{_flag(dest)} needs {_flag(needed)} (without it the flag would be ignored)')
+    _need(not args.jsd_loss or args.aug_splits > 1, '--jsd-loss needs --aug-splits 2 or more')
+    _need(not args.split_bn or args.aug_splits > 1 or args.resplit,
+          '--split-bn needs --aug-splits 2 or more (or --resplit)')
+    _need(not (args.split_bn and args.sync_bn), '--split-bn and --sync-bn cannot be combined')
+    mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    _need(not (args.aug_splits > 1 and mixup),
+          "--aug-splits cannot be combined with mixup/cutmix (timm's mixup collate does not keep the views apart)")
+    _need(not (args.aug_splits > 1 and args.no_prefetcher),
+          "--aug-splits needs the prefetcher (timm's fast collate stacks the augmented views): drop --no-prefetcher")
+    _need(not (args.amp and args.model_dtype not in (None, 'float32')),
+          f'--amp needs a float32 model (--model-dtype {args.model_dtype} was given)')
+    _need(not args.wandb_resume_id or args.resume, '--wandb-resume-id needs --resume (it continues a run)')
+    if args.train_img_sizes:
+        _need(args.aug_splits <= 1, "--train-img-sizes cannot be combined with --aug-splits (timm's scheduled "
+                                    "loader does not support augmentation splits)")
+        _need(not args.use_multi_epochs_loader, '--train-img-sizes cannot be combined with '
+                                                '--use-multi-epochs-loader (not supported by timm)')
+        _need(not args.dataset or args.dataset.startswith('folder'),
+              '--train-img-sizes needs a map-style dataset (an image folder), not a streaming one')
+    sizes = args.train_img_sizes or []
+    for dest in ('train_batch_sizes', 'train_size_probs'):
+        v = getattr(args, dest)
+        _need(v is None or len(v) == len(sizes),
+              f'{_flag(dest)} needs one value per --train-img-sizes entry ({len(sizes)}), got {len(v or [])}')
+    if args.train_size_probs is not None:
+        _need(sum(args.train_size_probs) > 0, '--train-size-probs must not all be 0')
+    if args.start_epoch is not None and args.start_epoch >= args.epochs:
+        raise BadInput(f'--start-epoch {args.start_epoch} leaves nothing to train in --epochs {args.epochs}')
+    stim_on = bool(args.stim or args.stim_kl_minus or args.stim_pp)
+    if stim_on and args.stim_subnets == 0:
+        raise BadInput('--stim-subnets 0 trains no sub-network: give 1 or more, or drop the stim flags for '
+                       'the baseline')
+    try:
+        stim_options(args)
+    except ValueError as e:
+        raise BadInput(one_line(e)) from None
+
+
+# ---- the model, on the meta device ---------------------------------------------------------------
+def _meta_model(args, name: str) -> nn.Module:
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    kwargs = dict(in_chans=in_chans, num_classes=args.num_classes, global_pool=args.gp, **args.model_kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        with torch.device('meta'):
+            return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        if not args.model_kwargs and not isinstance(e, (ValueError, AssertionError)):
+            raise  # no user keyword argument to blame: a bug, keep the traceback
+        given = ' '.join(f'{k}={v}' for k, v in args.model_kwargs.items())
+        raise BadInput(f'{name} cannot be created with --model-kwargs {given or "(none)"} / --num-classes / '
+                       f'--in-chans / --gp: {one_line(e)}') from None
+
+
+def _check_small_inputs(args, name: str, model: nn.Module, min_scale: float) -> None:
+    """The smallest sub-network input must run through the model (a shape-only pass on 'meta')."""
+    if not model.stim_input_multiple and getattr(model, 'dynamic_img_size', None) is None:
+        raise BadInput(f'{name} runs at one fixed input size: small sub-network inputs need a CNN or a ViT; '
+                       f'use --stim-small-input 1.0')
+    side = (args.input_size or [0, 0, args.img_size or model.pretrained_cfg['input_size'][-1]])[-1]
+    smallest = SmallInput(min_scale, multiple=model.stim_input_multiple or 1).sides(int(side))[0]
+    if getattr(model, 'dynamic_img_size', True) is False:
+        return  # a ViT: rebuilt with a dynamic image size for the run, patch-multiple sides always fit
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty(1, model.pretrained_cfg['input_size'][0] if args.in_chans is None
+                                     else args.in_chans, smallest, smallest, device='meta'))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise BadInput(f'the smallest sub-network input ({smallest} px, --stim-small-input {min_scale} of {side}) '
+                       f'does not run through {name}: {one_line(e)}; raise --stim-small-input') from None
+
+
+def check_model(args) -> Tuple[str, bool, nn.Module, Tuple[int, ...]]:
+    """Model name, stim variant and sampling rule vs the model's stages."""
+    opts = stim_options(args)
+    stim_on = opts['num_subnets'] > 0
+    try:
+        name, is_stim = resolve_model_name(args.model, stim_on)
+    except ValueError as e:
+        raise BadInput(one_line(e)) from None
+    model = _meta_model(args, name)
+    depths: Tuple[int, ...] = ()
+    try:
+        make_stimulative(model)
+    except ValueError as e:
+        if stim_on:
+            raise BadInput(f'stimulative training needs skippable residual stages: {one_line(e)}') from None
+    if is_stim_model(model):
+        depths = tuple(model.stage_depths)
+    if stim_on:
+        try:
+            rule_max_drops(depths, opts['rule'], model.stage_min_depths)
+        except ValueError as e:
+            raise BadInput(f'--stim-rule for {name} {depths}: {one_line(e)}') from None
+        if opts.get('small_input') is not None:
+            _check_small_inputs(args, name, model, opts['small_input'])
+    if args.kd_model_name and not timm.is_model(args.kd_model_name):
+        raise BadInput(f"unknown teacher model '{args.kd_model_name}' (--kd-model-name)")
+    if args.kd_model_name and stim_on:
+        raise BadInput('--kd-model-name with stimulative training is not available yet: StimTask cannot wrap '
+                       "timm's distillation task until its inner-task redesign lands; distil without the stim flags")
+    if args.kd_pretrained_path:
+        _read_weights(args.kd_pretrained_path, '--kd-pretrained-path')
+    return name, is_stim, model, depths
+
+
+def _shape_mismatch(sd: Dict[str, Any], model: nn.Module, skip: Iterable[str] = ()) -> Optional[str]:
+    """The first difference between a state dict and the model's (names, shapes), or None."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    skip = tuple(skip)
+    keep = (lambda k: not k.startswith(skip)) if skip else (lambda k: True)
+    missing = [k for k in want if k not in have and keep(k)]
+    unexpected = [k for k in have if k not in want and keep(k)]
+    wrong = [k for k in want if k in have and keep(k) and want[k] != have[k]]
+    if wrong:
+        k = wrong[0]
+        return f'{len(wrong)} tensors have other shapes, e.g. {k} {list(have[k])} vs {list(want[k])}'
+    if missing:
+        return f'{len(missing)} model tensors are missing, e.g. {missing[0]}'
+    if unexpected:
+        return f'{len(unexpected)} tensors are not in the model, e.g. {unexpected[0]}'
+    return None
+
+
+def _read_weights(path: str, flag: str) -> Dict[str, Any]:
+    """A weights file as timm's loader reads it (weights_only: a pickle never runs code)."""
+    if not os.path.isfile(path):
+        raise BadInput(f'{flag} {path}: no such file')
+    from timm.models import load_state_dict
+    try:
+        sd = load_state_dict(path, use_ema=True)
+    except Exception as e:  # corrupt, truncated, unsafe pickle, foreign format
+        raise BadInput(f'{flag} {path}: not a readable weights file ({one_line(e)})') from None
+    if not isinstance(sd, dict) or not sd or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BadInput(f'{flag} {path}: holds no model weights')
+    return sd
+
+
+def check_checkpoints(args, name: str, model: nn.Module) -> Optional[Dict[str, Any]]:
+    """--resume / --initial-checkpoint / --pretrained-path: readable and shaped for this model."""
+    if args.split_bn and (args.initial_checkpoint or args.resume):
+        from timm.layers import convert_splitbn_model
+        with torch.device('meta'):
+            model = convert_splitbn_model(model, max(args.aug_splits, 2))
+    if args.initial_checkpoint:
+        mismatch = _shape_mismatch(_read_weights(args.initial_checkpoint, '--initial-checkpoint'), model)
+        if mismatch:
+            raise BadInput(f'--initial-checkpoint {args.initial_checkpoint}: does not fit {name} ({mismatch})')
+    if args.pretrained_path:
+        sd = _read_weights(args.pretrained_path, '--pretrained-path')
+        head = model.pretrained_cfg.get('classifier') if hasattr(model, 'pretrained_cfg') else None
+        heads = [head] if isinstance(head, str) else list(head or [])
+        common = [k for k in sd if k in model.state_dict()]
+        if not common:
+            raise BadInput(f'--pretrained-path {args.pretrained_path}: no tensor names in common with {name}')
+        mismatch = _shape_mismatch({k: sd[k] for k in common}, model, skip=[h + '.' for h in heads])
+        if mismatch and 'missing' not in mismatch:
+            raise BadInput(f'--pretrained-path {args.pretrained_path}: does not fit {name} ({mismatch})')
+    if not args.resume:
+        return None
+    if not os.path.isfile(args.resume):
+        raise BadInput(f'--resume {args.resume}: no such file')
+    try:
+        ckpt = read_torch_checkpoint(args.resume)
+    except CheckpointError as e:
+        raise BadInput(f'--resume {one_line(e)}') from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), dict) or 'epoch' not in ckpt:
+        raise BadInput(f'--resume {args.resume}: not a training checkpoint (no state_dict / epoch to resume from)')
+    from timm.models import clean_state_dict
+    mismatch = _shape_mismatch(clean_state_dict(ckpt['state_dict']), model)
+    if mismatch:
+        raise BadInput(f'--resume {args.resume}: does not match this run ({name}: {mismatch})')
+    return ckpt
+
+
+# ---- files and folders ---------------------------------------------------------------------------
+def _has_image(folder: str) -> bool:
+    from timm.data.readers.img_extensions import get_img_extensions
+    exts = get_img_extensions(as_set=True)
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(os.path.splitext(f)[1].lower() in exts for f in files):
+            return True
+    return False
+
+
+def _split_folder(root: str, split: str) -> str:
+    """The folder timm's ``create_dataset`` reads for ``split`` (``root`` itself when none matches)."""
+    from timm.data import dataset_factory
+    return dataset_factory._search_split(root, split)
+
+
+def check_data(args) -> None:
+    """The data folder and its splits, as timm will resolve them (image folders only)."""
+    if not args.data_dir and not args.dataset:
+        raise BadInput('no data: give the dataset root (positional DIR or --data-dir)')
+    if args.dataset and not args.dataset.startswith('folder'):
+        return  # hfds/, tfds/, wds/, torch/: the reader checks its own sources
+    root = args.data_dir
+    if os.path.isfile(root) and root.endswith('.tar'):
+        return
+    if not os.path.isdir(root):
+        raise BadInput(f'data dir {root}: no such directory')
+    val = _split_folder(root, args.val_split) if args.val_split else None
+    if val is not None and os.path.samefile(val, root):
+        raise BadInput(f"--val-split {args.val_split}: {root} has no '{args.val_split}' folder, and timm would "
+                       f"validate on {root} itself (the training images); give --val-split '' for no validation")
+    train = _split_folder(root, args.train_split)
+    if val is not None and os.path.samefile(train, root):
+        raise BadInput(f"--train-split {args.train_split}: {root} has no '{args.train_split}' folder, and timm "
+                       f"would train on {root} itself, the '{args.val_split}' images included")
+    for split, folder in ((args.train_split, train), (args.val_split, val)):
+        if folder is not None and not _has_image(folder):
+            raise BadInput(f'{split} split of {root}: no images in {folder}')
+
+
+def _writable(path: str) -> Tuple[bool, str]:
+    """Whether ``path`` (existing or to be created) can be written; the existing ancestor checked."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return False, f'{probe} is a file, not a folder'
+    try:  # a real probe: os.access says yes to root even on read-only mounts and /proc
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        return False, f'{probe} is not writable ({e.strerror or type(e).__name__})'
+    return True, ''
+
+
+def check_output(args) -> Optional[str]:
+    """The run folder: writable, and not an earlier run unless --resume or --overwrite."""
+    out_root = args.output or './output/train'
+    run_dir = os.path.join(out_root, args.experiment) if args.experiment else None
+    ok, why = _writable(run_dir or out_root)
+    if not ok:
+        raise BadInput(f'output folder {run_dir or out_root}: {why}')
+    if run_dir and os.path.isdir(run_dir) and not args.resume and not args.overwrite:
+        files = run_files(run_dir)
+        if files:
+            shown = ', '.join(files[:4]) + (', ...' if len(files) > 4 else '')
+            raise BadInput(f'output folder {run_dir} already holds a run ({shown}): add --resume '
+                           f'{os.path.join(run_dir, "last.pth.tar")} to continue it, --overwrite to replace it, '
+                           f'or give another --experiment')
+    if run_dir and args.overwrite and args.resume and \
+            os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(run_dir):
+        raise BadInput(f'--overwrite would delete the run that --resume {args.resume} continues')
+    if args.log_tensorboard:
+        ok, why = _writable(args.log_tensorboard)
+        if not ok:
+            raise BadInput(f'--log-tensorboard {args.log_tensorboard}: {why}')
+    return run_dir
+
+
+def check_services(args) -> None:
+    """Optional packages and the Hub: what would otherwise fail after the whole training run."""
+    for module in args.device_modules or ():
+        if importlib.util.find_spec(module.split('.')[0]) is None:
+            raise BadInput(f"--device-modules: no module named '{module}'")
+    if args.log_wandb and importlib.util.find_spec('wandb') is None:
+        raise BadInput("--log-wandb needs the wandb package: pip install wandb (or pip install 'stim-timm[wandb]')")
+    if args.log_tensorboard and importlib.util.find_spec('tensorboard') is None:
+        raise BadInput("--log-tensorboard needs the tensorboard package: pip install tensorboard "
+                       "(or pip install 'stim-timm[tensorboard]')")
+    if args.push_to_hub:
+        from huggingface_hub import constants, get_token
+        from .hub import HubError, validate_hub_repo_id
+        try:
+            validate_hub_repo_id(args.push_to_hub)
+        except HubError as e:
+            raise BadInput(f'--push-to-hub: {one_line(e)}') from None
+        if constants.HF_HUB_OFFLINE:
+            raise BadInput('--push-to-hub: HF_HUB_OFFLINE is set, the push after training would fail')
+        try:
+            token = get_token()
+        except Exception as e:  # e.g. a failed OIDC token exchange; the message never holds the token
+            raise BadInput(f'--push-to-hub: cannot get a Hugging Face token ({type(e).__name__})') from None
+        if not token:
+            raise BadInput('--push-to-hub: no Hugging Face token found: set HF_TOKEN or run `hf auth login`')
+
+
+def preflight(args: argparse.Namespace, defaults: Dict[str, Any]) -> Preflight:
+    """All checks, cheapest first; ``defaults`` are the parser's built-in defaults."""
+    check_values(args, defaults)
+    name, is_stim, model, depths = check_model(args)
+    check_data(args)
+    ckpt = check_checkpoints(args, name, model)
+    run_dir = check_output(args)
+    check_services(args)
+    return Preflight(model=name, is_stim=is_stim, stage_depths=depths, run_dir=run_dir, resume=ckpt)

@@ -1,0 +1,92 @@
+"""Every flag of timm's train.py (snapshot generated from its parser by tests/gen_timm_train_flags.py)
+parses here with timm's default, and is either supported or refused with a one-line reason."""
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+from stim_timm.train_args import REFUSED, build_parser, parse_args
+
+SNAPSHOT = Path(__file__).resolve().parent / 'data' / 'timm_train_flags.txt'
+# Defaults that differ from timm's on purpose.
+OWN_DEFAULTS = {'--device': None}  # timm: 'cuda'; here cuda when available, else cpu
+# Flags of train_stim.py that timm's train.py does not have.
+# (--local-rank: the spelling newer torch.distributed.run passes, beside timm's --local_rank)
+OWN_FLAGS = {'--log-tensorboard', '--overwrite', '--push-to-hub', '--hub-private', '--hub-revision', '--local-rank',
+             '--kd-pretrained-path'}
+
+
+def snapshot() -> List[Tuple[List[str], Dict[str, Any]]]:
+    rows = []
+    for line in SNAPSHOT.read_text().splitlines():
+        if line and not line.startswith('#'):
+            names, info = line.split('\t')
+            rows.append((names.split(), json.loads(info)))
+    return rows
+
+
+FLAGS = snapshot()
+
+
+def timm_default(info: Dict[str, Any]) -> Any:
+    return info.get('default', False if info.get('action') == 'store_true' else None)
+
+
+def sample_argv(name: str, info: Dict[str, Any]) -> List[str]:
+    """A command line that sets the flag to a value other than its default."""
+    if info.get('action') in ('store_true', 'store_false'):
+        return [name]
+    if info.get('action') == 'ParseKwargs':
+        return [name, 'a=1']
+    choices = info.get('choices') or build_parser()._option_string_actions[name].choices  # e.g. --amp-dtype
+    if choices:
+        values = [c for c in choices if c != info.get('default')][:1]
+    else:
+        values = [{'int': '2' if info.get('default') != 2 else '3',
+                   'float': '0.25' if info.get('default') != 0.25 else '0.75'}.get(info.get('type'), 'x')]
+    count = info.get('nargs')
+    return [name] + values * (count if isinstance(count, int) else 1)
+
+
+def test_snapshot_is_timms_parser():
+    names = [n for names, _ in FLAGS for n in names]
+    assert len(FLAGS) > 150 and len(names) == len(set(names))
+    assert {'--log-wandb', '--kd-model-name', '--naflex-loader', '--train-img-sizes', '--val-interval'} <= set(names)
+
+
+@pytest.mark.parametrize('names, info', FLAGS, ids=[n[0] for n, _ in FLAGS])
+def test_flag_known_with_timms_default(names, info):
+    actions = build_parser()._option_string_actions
+    for name in names:
+        assert name in actions, f'{name}: a timm train.py flag train_stim.py does not know'
+    action = actions[names[0]]
+    expected = OWN_DEFAULTS.get(names[0], timm_default(info))
+    if isinstance(expected, list) and expected and isinstance(expected[0], float):
+        assert action.default == pytest.approx(expected)
+    else:
+        assert action.default == expected, names[0]
+    if info.get('choices'):
+        assert set(action.choices) == set(info['choices'])
+
+
+@pytest.mark.parametrize('names, info', FLAGS, ids=[n[0] for n, _ in FLAGS])
+def test_flag_supported_or_refused_with_reason(names, info, capsys):
+    argv = ['data', *sample_argv(names[-1], info)]
+    dest = build_parser()._option_string_actions[names[0]].dest
+    if dest in REFUSED:
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f'train_stim.py: error: {names[0]}: {REFUSED[dest]}']
+    else:
+        args, _ = parse_args(argv)
+        assert getattr(args, dest) != timm_default(info) or dest == 'device'
+
+
+def test_no_flag_of_our_own_hides_among_timms():
+    ours = {s for a in build_parser()._actions for s in a.option_strings if s.startswith('--')} - {'--config', '--help'}
+    timm = {n for names, _ in FLAGS for n in names}
+    extra = {f for f in ours - timm if not f.startswith('--stim')}
+    assert extra == OWN_FLAGS
