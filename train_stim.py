@@ -98,6 +98,10 @@ def setup(args, pre: Preflight) -> SimpleNamespace:
         args.dist_bn = ''
         model = convert_sync_batchnorm(model)
     train_loader, eval_loader, mixup_fn = create_loaders(args, data_config, device, datasets)
+    if isinstance(datasets[0], torch.utils.data.Dataset) and hasattr(datasets[0], '__len__') and \
+            not len(train_loader):  # timm drops the last partial training batch
+        raise ValueError(f'the {args.train_split} split has {len(datasets[0])} images, fewer than one batch '
+                         f'({args.batch_size} x {args.world_size} ranks): lower --batch-size')
     if not args.lr:  # timm's rule; a batch-size schedule counts its policy-average batch size
         batch = getattr(train_loader.batch_sampler, 'average_batch_size', None) if args.train_img_sizes else None
         global_batch = (batch or args.batch_size) * args.world_size * args.grad_accum_steps

@@ -71,8 +71,11 @@ CASES: Dict[str, Tuple[Callable[[Path], List[str]], str]] = {
     'wandb_flag_without_wandb': (lambda t: ['--wandb-project', 'p'], '--wandb-project needs --log-wandb'),
     'kd_flag_without_teacher': (lambda t: ['--kd-temperature', '2'], '--kd-temperature needs --kd-model-name'),
     'unknown_model': (lambda t: ['--model', 'resnet_xyz'], "unknown model 'resnet_xyz'"),
-    'no_stim_variant': (lambda t: ['--model', 'efficientnet_b0', '--stim'],
-                        "stimulative training needs skippable residual stages: model 'efficientnet_b0'"),
+    'no_residual_stages': (lambda t: ['--model', 'vgg11', '--stim'],
+                           'stimulative training needs skippable residual stages: cannot find residual stages in VGG'),
+    'small_input_too_small': (lambda t: ['--model', 'convnext_atto', '--stim-pp', '--img-size', '32'],
+                              'the smallest sub-network input (14 px, --stim-small-input 0.43 of 32) does not run '
+                              'through convnext_atto'),
     'impossible_rule': (lambda t: ['--stim', '--stim-rule', '0,5,0'],
                         '--stim-rule for stim_resnet20_cifar (3, 3, 3): sampling rule: stage 1 may drop at most 2'),
     'bad_model_kwargs': (lambda t: ['--model-kwargs', 'foo=1'], 'stim_resnet20_cifar cannot be created with'),

@@ -88,7 +88,7 @@ def test_one_epoch(small_data, tmp_path, flags, kl):
     assert cols[:len(base)] == base
     subnets = [c for c in cols if c.startswith('subnet_')]
     # the panel is evaluated for the baseline too (loafing is visible without ST)
-    expected = 1 if '--stim-pp' in flags else 5  # stpp on (3, 3, 3) has one proper sub-network
+    expected = 3 if '--stim-pp' in flags else 5  # stpp on (3, 3, 3) has three proper sub-networks
     assert len(subnets) == expected and all(c.endswith('_top1') for c in subnets)
     assert ('ema_top1' in cols) == ('--model-ema' in flags)
     if not kl:
@@ -107,19 +107,20 @@ def test_one_epoch(small_data, tmp_path, flags, kl):
     assert w.path.endswith('model.safetensors') and w.model == 'stim_resnet20_cifar' and w.num_classes == 10
     ckpt = read_torch_checkpoint(str(run / 'last.pth.tar'))
     assert ckpt['arch'] == 'stim_resnet20_cifar' and ckpt['epoch'] == 0
-    assert {'optimizer', 'lr_scheduler', 'rng', 'task_state', 'args'} <= set(ckpt)
+    assert {'optimizer', 'lr_scheduler', 'rng', 'args'} <= set(ckpt)
+    assert ('task_state' in ckpt) == bool(kl)  # the sampler's step; a baseline has none
     assert ('state_dict_ema' in ckpt) == ('--model-ema' in flags)
 
 
 def test_base_name_resolves_and_stim_start_epoch(small_data, tmp_path):
-    """A timm base name trains the stim model; before --stim-start-epoch the loss is plain CE."""
+    """A plain timm name trains that model made stimulative; before --stim-start-epoch the loss is plain CE."""
     train([small_data, *FAST, '--model', 'resnet20_cifar', '--epochs', '1', '-b', '16', '--output', tmp_path,
            '--experiment', 'run', '--stim', '--stim-small-input', '--stim-start-epoch', '1',
            '--stim-eval-subnets', '0'])
     rows = summary(tmp_path / 'run')
     assert float(rows[0]['train_kl_loss']) == 0.0
     assert not [c for c in rows[0] if c.startswith('subnet_')]
-    assert read_torch_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))['arch'] == 'stim_resnet20_cifar'
+    assert read_torch_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))['arch'] == 'resnet20_cifar'
 
 
 # ---- resume -------------------------------------------------------------------------------------
@@ -191,7 +192,8 @@ BAD_INPUTS = {
     'missing_data_dir': (lambda d, t: ['--data-dir', t / 'nowhere'], 'no such directory'),
     'empty_dataset': (lambda d, t: [_empty(t)], 'no images'),
     'unknown_model': (lambda d, t: [d, '--model', 'not_a_model_xyz'], "unknown model 'not_a_model_xyz'"),
-    'no_stim_variant': (lambda d, t: [d, '--model', 'efficientnet_b0', '--stim'], 'efficientnet_b0'),
+    'no_residual_stages': (lambda d, t: [d, '--model', 'vgg11', '--stim'], 'cannot find residual stages in VGG'),
+    'fewer_images_than_a_batch': (lambda d, t: [d, '-b', '512'], 'fewer than one batch (512 x 1 ranks)'),
     'impossible_rule': (lambda d, t: [d, '--stim', '--stim-rule', '0,5,0'], 'stage 1 may drop at most 2'),
     'bad_small_input': (lambda d, t: [d, '--stim', '--stim-small-input', '1.5'], 'must be in (0, 1]'),
     'corrupt_resume': (lambda d, t: [d, '--resume', _garbage(t)], 'not a readable checkpoint'),
