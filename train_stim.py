@@ -30,7 +30,7 @@ from timm.task import ClassificationTask
 from timm.utils import NativeScaler
 from timm.utils.log import FormatterNoInfo
 
-from stim_timm import StimTask, SubnetSampler, get_stim_model, is_stim_model
+from stim_timm import StimTask, SubnetSampler, compile_stimulative, get_stim_model, is_stim_model
 from stim_timm.checkpoint import CheckpointError, atomic_save_safetensors
 from stim_timm.engine import LoopConfig, subnet_column, train_one_epoch, validate, validate_subnets
 from stim_timm.loader_hooks import HookedLoader, recovery_hook, save_images_hook
@@ -148,7 +148,10 @@ def setup(args, pre: Preflight) -> SimpleNamespace:
 def prepare(run: SimpleNamespace) -> None:
     """Compile / DDP-wrap, then create the output folder (nothing was written before this)."""
     args, task = run.args, run.task
-    if args.torchcompile:
+    if args.torchcompile and is_stim_model(task.get_trainable_module()):
+        # block by block: switching sub-networks (training and panel validation) never recompiles
+        compile_stimulative(task.get_trainable_module(), backend=args.torchcompile, mode=args.torchcompile_mode)
+    elif args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
     run.eval_model = task.get_eval_model()
     if args.distributed:

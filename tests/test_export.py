@@ -16,7 +16,6 @@ from timm.models.vision_transformer import VisionTransformer
 import stim_timm
 from stim_timm.checkpoint import atomic_save_safetensors
 from stim_timm.export import export_subnet, main, needs_plugin, plain_architecture
-from stim_timm.models import StimResNet, StimVisionTransformer
 
 
 def _perturb_bn(model: nn.Module) -> nn.Module:
@@ -58,14 +57,12 @@ def test_cifar_resnet_export_equals_subnet(depths):
     assert not plain.training and model.current_subnet is None
 
 
-def test_vit_export_renumbers_blocks():
+def test_vit_export_keeps_leading_blocks():
     model = timm.create_model('stim_vit_tiny_patch16_224', num_classes=10).eval()
-    depths = (3, 1, 2, 3)  # drops blocks 4, 5 and 8 of 12
+    depths = (9,)  # drops the trailing blocks 9, 10 and 11 of 12
     plain = export_subnet(model, depths)
-    assert type(plain) is VisionTransformer and len(plain.blocks) == 9
-    assert torch.equal(plain.blocks[3].attn.qkv.weight, model.blocks[3].attn.qkv.weight)
-    assert torch.equal(plain.blocks[4].attn.qkv.weight, model.blocks[6].attn.qkv.weight)
-    assert torch.equal(plain.blocks[6].mlp.fc1.weight, model.blocks[9].mlp.fc1.weight)
+    assert type(plain) is VisionTransformer and len(plain.blocks) == 9 and not hasattr(plain, 'stim_stages')
+    assert torch.equal(plain.blocks[8].mlp.fc1.weight, model.blocks[8].mlp.fc1.weight)
     x = torch.randn(2, 3, 32, 32)  # dynamic image size survives the export
     with torch.no_grad(), model.subnet(depths):
         ref = model(x)
@@ -77,7 +74,7 @@ def test_resnet50_export_is_plain_resnet():
     model = _perturb_bn(timm.create_model('stim_resnet50', num_classes=7))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plain = export_subnet(model, (3, 3, 4, 3))
-    assert type(plain) is ResNet and not isinstance(plain, StimResNet)
+    assert type(plain) is ResNet and not hasattr(plain, 'stim_stages')
     assert plain.pretrained_cfg['architecture'] == 'resnet50' and 'hf_hub_id' not in plain.pretrained_cfg
     assert plain_architecture(model) == 'resnet50' and not needs_plugin(model)
     assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in model.parameters())
@@ -102,7 +99,7 @@ def test_resnext_export_keeps_groups():
 
 def test_cifar_export_needs_plugin():
     model = timm.create_model('stim_resnet20_cifar')
-    assert plain_architecture(model) == 'stim_resnet20_cifar' and needs_plugin(model)
+    assert plain_architecture(model) == 'resnet20_cifar' and needs_plugin(model)
 
 
 @pytest.mark.parametrize('depths', [(0, 3, 3), (4, 3, 3), (3, 3)])
@@ -116,7 +113,7 @@ def test_export_cli_loads_without_plugin(tmp_path, capsys):
     weights = str(tmp_path / 'vit.safetensors')
     atomic_save_safetensors(model.state_dict(), weights)  # bare weights: the CLI gets --model
     out = tmp_path / 'exported'
-    assert main([weights, '--model', 'stim_vit_tiny_patch16_224', '--num-classes', '10', '--depths', '3,2,1,3',
+    assert main([weights, '--model', 'stim_vit_tiny_patch16_224', '--num-classes', '10', '--depths', '9',
                  '--out', str(out)]) == 0
     assert sorted(os.listdir(out)) == ['README.md', 'config.json', 'model.safetensors']
     cfg = json.loads((out / 'config.json').read_text())
@@ -125,7 +122,7 @@ def test_export_cli_loads_without_plugin(tmp_path, capsys):
     assert cfg['num_classes'] == 10
 
     x = torch.randn(2, 3, 48, 48)
-    with torch.no_grad(), model.subnet((3, 2, 1, 3)):
+    with torch.no_grad(), model.subnet((9,)):
         ref = model(x)
     torch.save({'x': x, 'ref': ref}, tmp_path / 'io.pt')
     script = (
@@ -148,7 +145,7 @@ def test_export_cli_cifar_run_folder(tmp_path):
     out = tmp_path / 'r20-2-2-2'
     assert main([run, '--depths', '2,2,2', '--out', str(out)]) == 0
     cfg = json.loads((out / 'config.json').read_text())
-    assert cfg['architecture'] == 'stim_resnet20_cifar' and cfg['model_args']['layers'] == [2, 2, 2]
+    assert cfg['architecture'] == 'resnet20_cifar' and cfg['model_args']['layers'] == [2, 2, 2]
     assert tuple(cfg['pretrained_cfg']['input_size']) == (3, 32, 32)
     assert 'import stim_timm' in (out / 'README.md').read_text()
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()  # with the plugin imported
@@ -190,4 +187,4 @@ def test_export_cli_subprocess_exit_code(tmp_path):
 
 def test_package_exports_export_subnet():
     assert stim_timm.export_subnet is export_subnet
-    assert isinstance(timm.create_model('stim_vit_tiny_patch16_224'), StimVisionTransformer)
+    assert stim_timm.is_stim_model(timm.create_model('stim_vit_tiny_patch16_224', device='meta'))

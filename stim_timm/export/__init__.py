@@ -71,6 +71,8 @@ def _plain_kwargs(stim: nn.Module, depths: Tuple[int, ...]) -> Dict[str, Any]:
                          f"per-stage depth argument for it (supported: {', '.join(sorted(_DEPTH_ARGS))})")
     kwargs = get_model_args(stim)
     kwargs[arg] = depths[0] if arg == 'depth' else list(depths)
+    if getattr(stim, 'dynamic_img_size', False):  # stim ViTs get it by default, not from the caller's args
+        kwargs['dynamic_img_size'] = True
     return kwargs
 
 
