@@ -121,7 +121,9 @@ def test_relative_flops_match_the_exported_models():
 
 @pytest.mark.parametrize('name,stages,size', [('stim_resnext50_32x4d', (3, 4, 6, 3), 32),
                                               ('stim_resnet18', (2, 2, 2, 2), 32),
-                                              ('stim_vit_tiny_patch16_224', (3, 3, 3, 3), 32)])
+                                              ('stim_vit_tiny_patch16_224', (12,), 32),
+                                              ('stim_convnext_atto', (2, 2, 6, 2), 32),
+                                              ('stim_efficientnet_b0', (1, 2, 2, 3, 3, 4, 1), 32)])
 def test_families_evaluate(name, stages, size):
     model = timm.create_model(name, num_classes=5).eval()
     assert model.stage_depths == stages
@@ -182,7 +184,7 @@ def test_cli_bare_weights_vit_with_model(tmp_path, mini_data):
                  '--subnets', '2', '--max-images', '4', '-b', '4', '-j', '0', '--out', str(out),
                  '--no-progress', '--recalibrate-bn', '1']) == 0
     rows = json.loads((out / 'subnets.json').read_text())['rows']
-    assert len(rows) == 3 and rows[0]['model'] == 'stim_vit_tiny_patch16_224' and rows[1]['bn'] == 'full-network'
+    assert len(rows) == 3 and rows[0]['model'] == 'vit_tiny_patch16_224' and rows[1]['bn'] == 'full-network'
 
 
 def test_cli_progress_bar_on_stderr(runs, mini_data, tmp_path):

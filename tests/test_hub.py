@@ -21,8 +21,8 @@ from stim_timm.checkpoint import atomic_save_safetensors
 from stim_timm.hub import HubError, build_hub_folder, main, push_checkpoint
 
 TOKEN = 'hf_testSECRETtoken0123456789'
-SUMMARY = ('epoch,train_loss,train_kl_loss,lr,eval_loss,eval_top1,eval_top5,subnet_1-1-1-1_top1,'
-           'subnet_3-2-3-1_top1,subnet_3-3-3-2_top1\n'
+SUMMARY = ('epoch,train_loss,train_kl_loss,lr,eval_loss,eval_top1,eval_top5,subnet_4_top1,'
+           'subnet_8_top1,subnet_11_top1\n'
            '0,2.1,0.3,0.1,1.9,30.5,80.1,12.0,25.0,29.0\n'
            '1,1.8,0.2,0.1,1.6,41.5,88.25,20.0,38.0,40.75\n'
            '2,1.7,0.2,0.1,1.7,40.0,87.0,22.0,37.0,39.0\n')
@@ -52,8 +52,8 @@ def _make_run(folder, name: str = 'stim_vit_tiny_patch16_224', input_size=(3, 32
     with open(os.path.join(folder, 'args.yaml'), 'w') as f:
         yaml.safe_dump(args, f)
     with open(os.path.join(folder, 'summary.csv'), 'w') as f:
-        f.write(SUMMARY if name.startswith('stim_vit') else SUMMARY.replace('-1-1_top1', '-1_top1')
-                .replace('3-2-3-1', '3-2-3').replace('3-3-3-2', '3-3-2').replace('1-1-1-1', '1-1-1'))
+        f.write(SUMMARY if name.startswith('stim_vit') else SUMMARY.replace('subnet_4_', 'subnet_1-1-1_')
+                .replace('subnet_8_', 'subnet_3-2-3_').replace('subnet_11_', 'subnet_3-3-2_'))
     if pth:
         torch.save({'state_dict': model.state_dict(), 'arch': name, 'epoch': 2,
                     'args': argparse.Namespace(**args)}, os.path.join(folder, 'last.pth.tar'))
@@ -158,7 +158,7 @@ def test_model_card(vit_folder):
     for text in ('ST++', '**Sub-network sampling rule:** stpp', '**Sub-networks per step (k):** 2', '**KL- loss:** yes',
                  '(min scale):** 0.43', '**Epochs:** 3', '**Dataset:** torch/cifar10',
                  'epoch 1 (best epoch by eval_top1)', '**41.50%**', 'top-5 88.25%',
-                 '| 3-3-3-3 (full) | 12 | 1.000 | 41.50 | 88.25 |', '| 3-3-3-2 | 11 |', '| 1-1-1-1 | 4 |',
+                 '| 12 (full) | 12 | 1.000 | 41.50 | 88.25 |', '| 11 | 11 |', '| 4 | 4 |',
                  '![top-1 against relative FLOPs of the sub-networks](loafing.png)',
                  "timm.create_model('hf-hub:me/vit-stpp', pretrained=True)", 'stim_timm.export_subnet'):
         assert text in card, text
@@ -202,11 +202,11 @@ def test_folder_loads_back_with_plain_timm(vit_run, vit_folder, tmp_path):
     assert res.stdout.splitlines() == ['VisionTransformer vit_tiny_patch16_224 True'] * 2
 
 
-def test_cifar_resnet_folder_names_the_stim_model(tmp_path):
+def test_cifar_resnet_folder_names_the_plugin_architecture(tmp_path):
     run, model = _make_run(tmp_path / 'r20', 'stim_resnet20_cifar', pth=False)
     out = build_hub_folder(run, str(tmp_path / 'f'), repo_id='me/r20')
     cfg = json.loads(open(os.path.join(out, 'config.json')).read())
-    assert cfg['architecture'] == 'stim_resnet20_cifar'  # timm's ResNet cannot express the 3x3 stem
+    assert cfg['architecture'] == 'resnet20_cifar'  # stim-timm's own architecture: timm's ResNet has no 3x3 stem
     card = open(os.path.join(out, 'README.md')).read()
     assert 'import stim_timm' in card and '| 3-3-2 | 8 |' in card
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()  # plugin imported here

@@ -29,11 +29,24 @@ def test_every_model_has_two_subnets_under_each_rule(name):
 
 
 def test_stpp_generalisation():
-    assert rule_max_drops((3, 3, 3), 'stpp') == (0, 1, 0)
-    assert rule_max_drops((9, 9, 9), 'stpp') == (0, 6, 0)
+    assert rule_max_drops((3, 4, 6, 3), 'stpp') == (0, 1, 3, 0)  # the authors' space3
+    assert rule_max_drops((3, 3, 3), 'stpp') == (0, 1, 1)  # 3 stages: only the first stays whole
+    assert rule_max_drops((9, 9, 9), 'stpp') == (0, 6, 6)
     assert rule_max_drops((3, 4, 23, 3), 'stpp') == (0, 1, 20, 0)
     assert rule_max_drops((2, 2, 2, 2), 'stpp') == (0, 1, 1, 0)
-    assert rule_max_drops((6, 6), 'stpp') == (3, 3)  # fewer than 3 stages: none protected
+    assert rule_max_drops((6, 6), 'stpp') == (0, 3)
+    assert rule_max_drops((12,), 'stpp') == (9,)  # one stage (a ViT): it keeps at least 3 blocks
+    assert rule_max_drops((1, 2, 2, 3, 3, 4, 1), 'stpp') == (0, 1, 1, 1, 1, 1, 0)  # EfficientNet-B0
+    # more than one proper sub-network on the 3-stage CIFAR ResNet and the single-stage ViT
+    assert len(SubnetSampler((3, 3, 3), 'stpp')) - 1 == 3 and len(SubnetSampler((12,), 'stpp')) - 1 == 9
+
+
+def test_min_depths_clip_named_rules_and_refuse_explicit_ones():
+    assert rule_max_drops((3, 4), 'uniform', min_depths=(2, 1)) == (1, 3)
+    assert rule_max_drops((3, 4, 6, 3), 'stpp', min_depths=(1, 4, 1, 1)) == (0, 0, 3, 0)
+    with pytest.raises(ValueError, match='stage 0 may drop at most 1 of its 3 blocks, rule asks for 2'):
+        rule_max_drops((3, 4), '2,0', min_depths=(2, 1))
+    assert SubnetSampler((3, 4), 'uniform', min_depths=(2, 1)).smallest == (2, 1)
 
 
 def test_uniform_keeps_one_to_all():

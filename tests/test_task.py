@@ -158,7 +158,7 @@ def test_disabled_and_eval_are_plain_classification():
 def test_rule_checked_against_model_and_non_stim_model_rejected():
     with pytest.raises(ValueError, match='stage 1 may drop at most 2 of its 3 blocks'):
         StimTask(tiny_model(), nn.CrossEntropyLoss(), rule='0,3,0', verbose=False)
-    with pytest.raises(TypeError, match='resnet18 has no skippable residual stages'):
+    with pytest.raises(TypeError, match='resnet18 is not stimulative; call stim_timm.make_stimulative'):
         StimTask(timm.create_model('resnet18'), nn.CrossEntropyLoss(), verbose=False)
 
 
@@ -196,7 +196,7 @@ def test_ddp_two_ranks_match_averaged_single_process(tmp_path):
     finally:
         sys.path.remove(HERE)
     out = tmp_path / 'ddp.pt'
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([HERE, os.environ.get('PYTHONPATH', '')]))
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
          os.path.join(HERE, 'ddp_task_worker.py'), str(out)], env=env, capture_output=True, text=True,
