@@ -109,19 +109,10 @@ class FlopTable:
     """fwd+bwd FLOPs (batch 1) of the full network and of each residual block, per input side."""
 
     def __init__(self, model_name: str):
-        import timm
-        import stim_timm  # noqa: F401
-        from stim_timm.models.subnet import StimSequential
-        self.model = timm.create_model(model_name)
+        import stim_timm
+        self.model = stim_timm.create_stimulative(model_name)
         self.stage_depths = tuple(self.model.stage_depths)
-        self.blocks = []  # module names of each stage's blocks, in stage order
-        for name, mod in self.model.named_modules():
-            if isinstance(mod, StimSequential):
-                start = 0
-                for size in mod.group_sizes:
-                    self.blocks.append([f'{name}.{j}' for j in range(start, start + size)])
-                    start += size
-        assert tuple(len(b) for b in self.blocks) == self.stage_depths
+        self.blocks = [list(stage) for stage in self.model.stim_stages]  # block names per stage
         self._cache: Dict[int, Tuple[int, Tuple[Tuple[int, ...], ...]]] = {}
 
     def _count(self, side: int, depths: Optional[Sequence[int]] = None):

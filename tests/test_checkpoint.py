@@ -39,7 +39,7 @@ def test_timm_train_checkpoint_with_namespace_args(tmp_path, model):
     torch.save({'epoch': 3, 'arch': 'stim_resnet20_cifar', 'state_dict': {'module.' + k: v for k, v in state.items()},
                 'args': argparse.Namespace(model='resnet20_cifar', num_classes=10), 'version': 2}, path)
     loaded, info = load_trained_model(str(path))
-    assert info.model == 'stim_resnet20_cifar'
+    assert info.model == 'resnet20_cifar' and loaded.stage_depths == (3, 3, 3)  # made stimulative in place
     _same(loaded, model)
 
 
