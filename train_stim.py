@@ -124,7 +124,6 @@ def prepare(run: SimpleNamespace) -> None:
     if args.distributed:
         task.prepare_distributed(device_ids=[run.device] if run.device.type == 'cuda' else None,
                                  broadcast_buffers=not args.no_ddp_bb)
-    task.grad_scaler = run.loss_scaler._scaler if run.loss_scaler is not None else None
     if args.start_epoch is not None:
         run.start_epoch = args.start_epoch
     run.cfg = LoopConfig(

@@ -1,13 +1,15 @@
 """One training epoch and the evaluations of ``train_stim.py``.
 
 The loop is timm's (gradient accumulation, AMP loss scaling, clipping, per-update LR schedule and
-EMA) around a ``StimTask``, which already ran backward for every term but the returned one. Metrics
+EMA) around a ``StimTask``, which it hands its own backward (the same accumulation divisor and
+loss scaling, no optimizer step) so the task frees each pass's graph before the next. Metrics
 stay on the device and are read only at log steps and at the end of an epoch: no per-step sync.
 """
 import logging
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -16,6 +18,7 @@ import torch.nn as nn
 from timm import utils
 
 from .models import get_stim_model
+from .task import StimTask
 
 __all__ = ['LoopConfig', 'train_one_epoch', 'validate', 'validate_subnets', 'subnet_column']
 
@@ -74,7 +77,20 @@ def _to_device(input, target, cfg: LoopConfig, mixup_fn):
     return input, target
 
 
-def _backward(loss: torch.Tensor, task, optimizer, cfg: LoopConfig, loss_scaler, need_update: bool) -> None:
+def _forward(task, input: torch.Tensor, target: torch.Tensor, update: int, backward_fn: Callable):
+    """A StimTask keys its sub-networks to ``update`` and runs backward per term (one graph alive at
+    a time) through ``backward_fn``; any other timm task just returns its loss."""
+    if not isinstance(task, StimTask):
+        return task(input, target)
+    task.set_step(update)
+    return task(input, target, backward_fn=backward_fn)
+
+
+def _backward(loss: torch.Tensor, task, optimizer, cfg: LoopConfig, loss_scaler, need_update: bool,
+              divisor: int = 1) -> None:
+    """timm's backward: ``loss / divisor`` (grad accumulation) through the AMP scaler; the optimizer
+    steps (with clipping) only when ``need_update``."""
+    loss = loss / divisor if divisor != 1 else loss
     clip_params = task.get_clip_parameters(exclude_head='agc' in cfg.clip_mode) if cfg.clip_grad else None
     if loss_scaler is not None:
         loss_scaler(loss, optimizer, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
@@ -96,8 +112,8 @@ def train_one_epoch(epoch: int, task, loader, optimizer, cfg: LoopConfig, lr_sch
                     loss_scaler=None, mixup_fn=None) -> Dict[str, float]:
     """Train one epoch; returns ``loss`` (whole step loss), ``kl_loss`` and ``img_per_sec``.
 
-    All micro-batches of one optimizer update use the same sub-networks (``task.step`` is the update
-    index), so gradient accumulation over N micro-batches trains what N DDP ranks would.
+    All micro-batches of one optimizer update use the same sub-networks (the task's step is set to the
+    update index), so gradient accumulation over N micro-batches trains what N DDP ranks would.
     """
     task.get_trainable_module().train()
     n_batches = len(loader)
@@ -113,12 +129,12 @@ def train_one_epoch(epoch: int, task, loader, optimizer, cfg: LoopConfig, lr_sch
         need_update = last_batch or (batch_idx + 1) % cfg.accum_steps == 0
         accum = tail if tail and batch_idx >= n_batches - tail else cfg.accum_steps
         input, target = _to_device(input, target, cfg, mixup_fn)
-        task.loss_multiplier = 1.0 / accum
-        task.step = num_updates
         with nullcontext() if need_update else task.no_sync():
             with cfg.amp_autocast():
-                result = task(input, target)
-            _backward(result['loss'] / accum, task, optimizer, cfg, loss_scaler, need_update)
+                result = _forward(task, input, target, num_updates, partial(
+                    _backward, task=task, optimizer=optimizer, cfg=cfg, loss_scaler=loss_scaler,
+                    need_update=False, divisor=accum))
+            _backward(result['loss'], task, optimizer, cfg, loss_scaler, need_update, divisor=accum)
         logged = {k: result[k] for k in ('loss', 'kl_loss') if k in result}
         sums.add(input.shape[0], **logged)
         window.add(input.shape[0], **logged)
