@@ -362,3 +362,55 @@ def test_timm_loop_keys_sub_networks_to_the_optimizer_update():
     timm_loop(task, torch.optim.SGD(task.parameters(), lr=LR), 'fp32', accum=2, stepwise=True, updates=3)
     want = [[task.sampler.sample(i // 2, k) for k in range(3)] for i in range(6)]
     assert seen == want and len({tuple(map(tuple, s)) for s in seen}) == 3
+
+
+def test_wraps_timm_logit_distillation_task():
+    """StimTask(LogitDistillationTask): the full pass is the student's CE + KD, sub-networks distil
+    from the student's own full logits; the wrapped task's loss terms are passed through."""
+    from timm.task import LogitDistillationTask
+    model, teacher = tiny_model(), tiny_model(seed=7).eval()
+    reference = copy.deepcopy(model)
+    inner = LogitDistillationTask(model, teacher, criterion=nn.CrossEntropyLoss(), task_loss_weight=0.3,
+                                  temperature=2.0, verbose=False)
+    task = StimTask(inner, num_subnets=2, rule='uniform', kl_minus=True, seed=3, verbose=False)
+    task.train()
+    assert not teacher.training and task.get_trainable_module() is model
+    x, y = batch()
+    task.set_step(4)
+    result = task(x, y, backward_fn=torch.Tensor.backward)
+    result['loss'].backward()
+
+    reference.train()
+    full = reference(x)
+    with torch.no_grad():
+        soft = teacher(x)
+    total = 0.3 * nn.functional.cross_entropy(full, y) + 0.7 * kl(full, soft, 2.0)
+    for k in range(2):
+        with reference.subnet(task.sampler.sample(4, k)):
+            total = total + kl_minus(reference(x), full.detach())
+    total.backward()
+    torch.testing.assert_close(result['loss'], total.detach(), rtol=1e-5, atol=1e-6)
+    assert {'task_loss', 'kd_loss', 'kl_loss', 'main_loss'} <= set(result)
+    for name, want in grads(reference).items():
+        torch.testing.assert_close(grads(model)[name], want, rtol=1e-4, atol=1e-6, msg=name)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_wrapped_task_owns_its_loss():
+    inner = timm.task.ClassificationTask(tiny_model(), nn.CrossEntropyLoss(), verbose=False)
+    with pytest.raises(ValueError, match='the wrapped task owns the loss'):
+        StimTask(inner, nn.CrossEntropyLoss(), verbose=False)
+    with pytest.raises(ValueError, match='the wrapped task owns the loss'):
+        StimTask(inner, norm_main=True, verbose=False)
+    with pytest.raises(ValueError, match='a criterion is needed with a model'):
+        StimTask(tiny_model(), verbose=False)
+
+
+def test_warns_when_nobody_advances_the_step(caplog):
+    task = StimTask(tiny_model(), nn.CrossEntropyLoss(), verbose=False)
+    task.train()
+    x, y = batch(2, side=8)
+    with caplog.at_level('WARNING', logger='stim_timm.task'):
+        for _ in range(65):
+            task(x, y)
+    assert 'the same sub-networks every time' in caplog.text
