@@ -11,6 +11,7 @@ from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from .models import resolve_stim_name
+from .transforms import add_lighting
 
 __all__ = ['resolve_model_name', 'create_stim_model', 'create_datasets', 'create_loaders', 'train_loss']
 
@@ -89,6 +90,10 @@ def create_loaders(args, data_config, device, datasets) -> Tuple[Any, Optional[A
                   num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem,
                   img_dtype=args.torch_model_dtype or torch.float32, device=device,
                   use_prefetcher=args.prefetcher)
+    if args.train_crop_size is not None and args.train_crop_size < 1:
+        raise ValueError(f'--train-crop-size must be a positive side, got {args.train_crop_size}')
+    train_size = data_config['input_size'] if not args.train_crop_size else \
+        (data_config['input_size'][0], args.train_crop_size, args.train_crop_size)
     train_loader = create_loader(
         train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, re_count=args.recount, re_split=args.resplit, train_crop_mode=args.train_crop_mode,
@@ -97,7 +102,9 @@ def create_loaders(args, data_config, device, datasets) -> Tuple[Any, Optional[A
         gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=args.aug_repeats,
         interpolation=data_config['interpolation'] if args.no_aug or not args.train_interpolation
         else args.train_interpolation, collate_fn=collate, worker_seeding=args.worker_seeding,
-        use_multi_epochs_loader=args.use_multi_epochs_loader, **common)
+        use_multi_epochs_loader=args.use_multi_epochs_loader, **dict(common, input_size=train_size))
+    if args.lighting:
+        train_ds.transform = add_lighting(train_ds.transform, args.lighting)
     if hasattr(train_loader.sampler, 'seed'):  # DDP data order follows --seed too
         train_loader.sampler.seed = args.seed
     eval_loader = None if eval_ds is None else create_loader(
