@@ -31,6 +31,7 @@ from timm.utils.log import FormatterNoInfo
 from stim_timm import StimTask, SubnetSampler, get_stim_model
 from stim_timm.checkpoint import CheckpointError, atomic_save_safetensors
 from stim_timm.engine import LoopConfig, subnet_column, train_one_epoch, validate, validate_subnets
+from stim_timm.memory import pin_mmap_threshold
 from stim_timm.runstate import (
     StimCheckpointSaver, SummaryWriter, apply_resume, apply_resume_ema, default_mode, load_resume)
 from stim_timm.train_args import args_to_yaml, parse_args, stim_options
@@ -59,6 +60,8 @@ def setup(args) -> SimpleNamespace:
     opts = stim_options(args)
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     device = utils.init_distributed_device(args)
+    if device.type == 'cpu':
+        pin_mmap_threshold()  # flat host memory under ST++'s ever-changing input sizes (stim_timm/memory.py)
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     if args.sync_bn and args.distributed and device.type != 'cuda':
