@@ -30,7 +30,8 @@ from timm.utils.log import FormatterNoInfo
 
 from stim_timm import StimTask, SubnetSampler, get_stim_model
 from stim_timm.checkpoint import CheckpointError, atomic_save_safetensors
-from stim_timm.engine import LoopConfig, subnet_column, train_one_epoch, validate, validate_subnets
+from stim_timm.engine import (
+    LoopConfig, calibration_batches, subnet_column, subnet_eval_interval, train_one_epoch, validate, validate_subnets)
 from stim_timm.memory import pin_mmap_threshold
 from stim_timm.runstate import (
     StimCheckpointSaver, SummaryWriter, apply_resume, apply_resume_ema, default_mode, load_resume)
@@ -58,6 +59,8 @@ def setup_logging(primary: bool) -> None:
 def setup(args) -> SimpleNamespace:
     """Everything that can fail on bad input, before anything is written."""
     opts = stim_options(args)
+    if args.stim_bn_images < 0 or args.stim_eval_every < 0:
+        raise ValueError('--stim-bn-images and --stim-eval-every must be >= 0')
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     device = utils.init_distributed_device(args)
     if device.type == 'cpu':
@@ -129,6 +132,9 @@ def prepare(run: SimpleNamespace) -> None:
                                  broadcast_buffers=not args.no_ddp_bb)
     if args.start_epoch is not None:
         run.start_epoch = args.start_epoch
+    run.subnet_every = args.stim_eval_every or subnet_eval_interval(
+        len(run.train_loader) * args.batch_size, len(run.eval_loader.dataset) if run.eval_loader else 0,
+        len(run.panel), args.stim_bn_images)
     run.cfg = LoopConfig(
         device=run.device, accum_steps=args.grad_accum_steps, log_interval=args.log_interval,
         channels_last=args.channels_last, prefetcher=args.prefetcher, model_dtype=args.torch_model_dtype,
@@ -193,7 +199,9 @@ def run_epoch(run: SimpleNamespace, epoch: int) -> Dict[str, Any]:
         ema_metrics = validate(task.get_eval_model(ema=True), run.eval_loader, cfg, label='Test (EMA)')
         row.update({f'ema_{k}': v for k, v in ema_metrics.items()})
         run.metric = ema_metrics[run.eval_metric]  # as timm: the EMA model decides the best checkpoint
-    row.update(validate_subnets(run.eval_model, run.eval_loader, cfg, run.panel))
+    if run.panel and ((epoch + 1) % run.subnet_every == 0 or epoch == run.num_epochs - 1):
+        calib = calibration_batches(run.train_loader, cfg, args.stim_bn_images)
+        row.update(validate_subnets(run.eval_model, run.eval_loader, cfg, run.panel, calib))
     return row
 
 

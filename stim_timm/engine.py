@@ -6,6 +6,7 @@ loss scaling, no optimizer step) so the task frees each pass's graph before the 
 stay on the device and are read only at log steps and at the end of an epoch: no per-step sync.
 """
 import logging
+import math
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm import utils
 
+from .bn import subnet_bn
 from .models import get_stim_model
 from .task import StimTask
 
-__all__ = ['LoopConfig', 'train_one_epoch', 'validate', 'validate_subnets', 'subnet_column']
+__all__ = ['LoopConfig', 'train_one_epoch', 'validate', 'validate_subnets', 'subnet_column',
+           'calibration_batches', 'subnet_eval_interval']
 
 _logger = logging.getLogger('train')
 
@@ -202,11 +205,47 @@ def subnet_column(depths: Sequence[int]) -> str:
     return 'subnet_' + '-'.join(str(d) for d in depths) + '_top1'
 
 
-def validate_subnets(model: nn.Module, loader, cfg: LoopConfig, panel: List[Sequence[int]]) -> Dict[str, float]:
-    """Top-1 of each panel sub-network, normalised with the full network's BN statistics."""
+def calibration_batches(loader, cfg: LoopConfig, num_images: int) -> List[torch.Tensor]:
+    """About ``num_images`` training images (training transforms) on the device, for BN re-estimation.
+
+    Starting a loader iteration draws from torch's global RNG (sampler order, worker seeds): it is
+    forked so that training goes on exactly as without the calibration.
+    """
+    if num_images <= 0:
+        return []
+    with torch.random.fork_rng(devices=[]):
+        return [_to_device(x, y, cfg, None)[0] for x, y in _first_images(loader, num_images)]
+
+
+def _first_images(loader, num_images: int):
+    seen = 0
+    for x, y in loader:
+        yield x, y
+        seen += x.shape[0]
+        if seen >= num_images:
+            return
+
+
+def subnet_eval_interval(num_train: int, num_eval: int, panel_size: int, calib_images: int,
+                         budget: float = 0.1) -> int:
+    """Epochs between sub-network validations keeping them within ``budget`` of the training cost.
+
+    A validation costs ``panel_size * (calib_images + num_eval)`` forward passes; an epoch at least
+    ``3 * num_train`` (forward + backward of the full network alone; sub-network passes only add).
+    """
+    if panel_size == 0 or num_train == 0:
+        return 1
+    return max(1, math.ceil(panel_size * (calib_images + num_eval) / (budget * 3 * num_train)))
+
+
+def validate_subnets(model: nn.Module, loader, cfg: LoopConfig, panel: List[Sequence[int]],
+                     calib_batches: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, float]:
+    """Top-1 of each panel sub-network. With ``calib_batches`` (training images) each sub-network is
+    normalised with its own re-estimated BN statistics (``stim_timm.bn``), else with the full
+    network's; the model's own statistics are restored after each."""
     stim = get_stim_model(model)
     out = {}
     for depths in panel:
-        with stim.subnet(depths):
+        with subnet_bn(model, depths, calib_batches) if calib_batches else nullcontext(), stim.subnet(depths):
             out[subnet_column(depths)] = validate(model, loader, cfg, label=f'Test {tuple(depths)}')['top1']
     return out

@@ -246,6 +246,12 @@ def _recipe_flags(p: argparse.ArgumentParser) -> None:
          help='side of the random train crops; default: the eval input size (the ST++ ImageNet run: 200)')
     _add(g, '--lighting', type=float, default=0.0, metavar='STD',
          help='PCA lighting noise std (AlexNet) on train images; 0: off')
+    _add(g, '--stim-bn-images', type=int, default=256, metavar='N',
+         help="re-estimate each validated sub-network's BN statistics on N training images; 0: use the "
+              "full network's")
+    _add(g, '--stim-eval-every', type=int, default=0, metavar='E',
+         help='validate the sub-networks every E epochs (and at the last); 0: the interval keeping it '
+              'within 10%% of the training cost')
 
 
 class _Parser(argparse.ArgumentParser):
