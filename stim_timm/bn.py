@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .models.subnet import get_stim_model
 
-__all__ = ['bn_layers', 'bn_state', 'load_bn_state', 'reestimate_bn', 'subnet_bn', 'take_images']
+__all__ = ['bn_layers', 'bn_state', 'load_bn_state', 'reestimate_bn', 'subnet_bn']
 
 BNState = List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -88,16 +88,3 @@ def subnet_bn(model: nn.Module, depths: Optional[Sequence[int]], batches: Sequen
     finally:
         load_bn_state(bns, saved)
 
-
-def take_images(loader: Iterable, num_images: int) -> List[torch.Tensor]:
-    """The first batches of ``loader`` (inputs only) holding at least ``num_images`` images."""
-    out, seen = [], 0
-    if num_images <= 0:
-        return out
-    for batch in loader:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        out.append(x)
-        seen += x.shape[0]
-        if seen >= num_images:
-            break
-    return out

@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 
 import stim_timm  # noqa: F401 (registers the stim models)
-from stim_timm.bn import bn_layers, bn_state, reestimate_bn, subnet_bn, take_images
-from stim_timm.engine import LoopConfig, validate_subnets
+from stim_timm.bn import bn_layers, bn_state, reestimate_bn, subnet_bn
+from stim_timm.engine import LoopConfig, calibration_batches, validate_subnets
 
 
 def model_and_batches():
@@ -54,8 +54,8 @@ def test_validate_subnets_with_reestimated_bn_restores_the_statistics():
     assert set(plain) == set(fair) == {'subnet_1-1-1_top1'}
     for (mean, _, _), m in zip(saved, bn_layers(model)):
         assert torch.equal(m.running_mean, mean)
-    assert take_images(loader, 9)[0].shape[0] == 8 and len(take_images(loader, 9)) == 2
-    assert take_images(loader, 0) == []
+    assert [x.shape[0] for x in calibration_batches(loader, cfg, 9)] == [8, 8]
+    assert calibration_batches(loader, cfg, 0) == []
 
 
 def test_subnet_eval_interval_keeps_a_tenth_of_the_training_cost():
