@@ -406,11 +406,15 @@ def test_wrapped_task_owns_its_loss():
         StimTask(tiny_model(), verbose=False)
 
 
-def test_warns_when_nobody_advances_the_step(caplog):
+def test_warns_when_nobody_advances_the_step(caplog, monkeypatch):
+    import stim_timm.task
+    monkeypatch.setattr(stim_timm.task, '_STALE_STEP_CALLS', 3)
     task = StimTask(tiny_model(), nn.CrossEntropyLoss(), verbose=False)
     task.train()
     x, y = batch(2, side=8)
     with caplog.at_level('WARNING', logger='stim_timm.task'):
-        for _ in range(65):
+        for _ in range(3):
             task(x, y)
-    assert 'the same sub-networks every time' in caplog.text
+        assert 'the same sub-networks' not in caplog.text
+        task(x, y)
+    assert '3 training steps at step 0: the same sub-networks every time' in caplog.text
