@@ -103,6 +103,8 @@ def time_rows(model_name: str, rows: Sequence[str], size: int, batch: int, steps
             out[row]['times'].append(wall)
             out[row]['cpu_times'].append(cpu)
             out[row]['draws'].append(draws)
+        print(f'    round {i + 1}/{steps}: ' + ', '.join(f"{r} {1000 * out[r]['times'][-1]:.0f} ms" for r in rows),
+              file=sys.stderr, flush=True)
     plain = built[rows[0]]
     sides = sorted({max(8, int(size * f)) for f in RATE_SIDES}, reverse=True)
     rate = {str(s): [] for s in sides}
@@ -222,9 +224,11 @@ def run_child(kind: str, model_name: str, rows: Sequence[str], size: int, batch:
            '--size', str(size), '--batch', str(batch), '--steps', str(steps), '--warmup', str(warmup),
            '--threads', str(args.threads), '--rate-reps', str(args.rate_reps)] + (['--pin-mmap'] if pin else [])
     env = {k: v for k, v in os.environ.items() if k != 'MALLOC_MMAP_THRESHOLD_'}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.verbose else subprocess.PIPE, text=True,
+                         env=env)
     if out.returncode != 0:
-        raise RuntimeError(f'{model_name} / {kind} {list(rows)} failed:\n{out.stderr[-3000:]}')
+        detail = f':\n{out.stderr[-3000:]}' if out.stderr else ''
+        raise RuntimeError(f'{model_name} / {kind} {list(rows)} failed{detail}')
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -311,6 +315,7 @@ def main() -> None:
     p.add_argument('--threads', type=int, default=2, help='torch.set_num_threads in every child process')
     p.add_argument('--quick', action='store_true', help='smoke mode: batch 8, 2 rounds, 1 warm-up')
     p.add_argument('--json', default=None, help='also write the raw results here')
+    p.add_argument('--verbose', action='store_true', help='show each timed round on stderr')
     p.add_argument('--write', action='store_true', help='write benchmarks/results/step_cost.md')
     p.add_argument('--child', choices=('time', 'memory'), help=argparse.SUPPRESS)
     p.add_argument('--pin-mmap', action='store_true', help=argparse.SUPPRESS)
