@@ -288,8 +288,8 @@ def table_md(model_name: str, size: int, batch: int, steps: int, results: List[d
 def run_model(model_name: str, size: int, batch: int, steps: int, warmup: int, args, rows: Sequence[str]):
     print(f'  {model_name}: timing {len(rows)} rows x {steps} interleaved steps', file=sys.stderr, flush=True)
     timed = run_child('time', model_name, rows, size, batch, steps, warmup, args)
-    memory = {}
-    for row in rows:
+    memory = {row: dict(pinned=float('nan'), default=float('nan')) for row in rows}
+    for row in rows if args.memory_steps > 0 else []:
         memory[row] = {mode: run_child('memory', model_name, [row], size, batch, args.memory_steps, warmup, args,
                                        pin=mode == 'pinned')['peak_rss_mb'] for mode in ('pinned', 'default')}
         print(f'  {model_name} {row}: peak RSS {memory[row]}', file=sys.stderr, flush=True)
@@ -310,7 +310,8 @@ def main() -> None:
     p.add_argument('--steps', type=int, default=None,
                    help='interleaved timed rounds (default: %s)' % ', '.join(f'{m} {s}' for m, s in DEFAULT_STEPS.items()))
     p.add_argument('--warmup', type=int, default=2, help='untimed steps per row first')
-    p.add_argument('--memory-steps', type=int, default=4, help='steps of each peak-RSS process after warm-up')
+    p.add_argument('--memory-steps', type=int, default=4,
+                   help='steps of each peak-RSS process after warm-up (0: no memory measurement)')
     p.add_argument('--rate-reps', type=int, default=5, help='repetitions of the FLOP-rate-by-side measurement')
     p.add_argument('--threads', type=int, default=2, help='torch.set_num_threads in every child process')
     p.add_argument('--quick', action='store_true', help='smoke mode: batch 8, 2 rounds, 1 warm-up')
@@ -331,7 +332,7 @@ def main() -> None:
         size, batch = MODELS[name]
         steps, warmup = args.steps or DEFAULT_STEPS[name], args.warmup
         if args.quick:
-            batch, steps, warmup, args.memory_steps, args.rate_reps = 8, 2, 1, 1, 1
+            batch, steps, warmup, args.memory_steps, args.rate_reps = 8, 2, 1, min(args.memory_steps, 1), 1
         results, rates, memory = run_model(name, size, batch, steps, warmup, args, rows)
         raw[name] = dict(rows=results, gflops_by_side=rates)
         blocks.append(table_md(name, size, batch, steps, results, rates, memory))
