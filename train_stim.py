@@ -32,8 +32,10 @@ from timm.utils.log import FormatterNoInfo
 
 from stim_timm import StimTask, SubnetSampler, compile_stimulative, get_stim_model, is_stim_model
 from stim_timm.checkpoint import CheckpointError, atomic_save_safetensors
-from stim_timm.engine import LoopConfig, subnet_column, train_one_epoch, validate, validate_subnets
+from stim_timm.engine import (
+    LoopConfig, calibration_batches, subnet_column, subnet_eval_interval, train_one_epoch, validate, validate_subnets)
 from stim_timm.loader_hooks import HookedLoader, recovery_hook, save_images_hook
+from stim_timm.memory import pin_mmap_threshold
 from stim_timm.preflight import Preflight, clean_run_folder, one_line, preflight
 from stim_timm.runstate import StimCheckpointSaver, SummaryWriter, apply_resume, apply_resume_ema, default_mode
 from stim_timm.tracking import create_trackers
@@ -67,8 +69,12 @@ def setup(args, pre: Preflight) -> SimpleNamespace:
     opts = stim_options(args)
     for module in args.device_modules or ():
         importlib.import_module(module)
+    if args.stim_bn_images < 0 or args.stim_eval_every < 0:
+        raise ValueError('--stim-bn-images and --stim-eval-every must be >= 0')
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     device = utils.init_distributed_device(args)
+    if device.type == 'cpu':
+        pin_mmap_threshold()  # flat host memory under ST++'s ever-changing input sizes (stim_timm/memory.py)
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     if args.sync_bn and args.distributed and device.type != 'cuda':
@@ -109,8 +115,10 @@ def setup(args, pre: Preflight) -> SimpleNamespace:
         args.lr = args.lr_base * (global_batch / args.lr_base_size) ** (0.5 if scale == 'sqrt' else 1.0)
     verbose = utils.is_primary(args)
     criterion = train_loss(args).to(device)
-    if args.kd_model_name:  # the preflight refused KD together with the stim loss (see its message)
+    if args.kd_model_name:  # timm's distillation task; with ST the sub-networks follow the distilled student
         task = distillation_task(args, model, criterion, device, args.torch_model_dtype, verbose)
+        if is_stim:
+            task = StimTask(task, verbose=verbose, **opts)
     elif is_stim:
         task = StimTask(model, criterion, device=device, dtype=args.torch_model_dtype, verbose=verbose, **opts)
     else:
@@ -157,9 +165,11 @@ def prepare(run: SimpleNamespace) -> None:
     if args.distributed:
         task.prepare_distributed(device_ids=[run.device] if run.device.type == 'cuda' else None,
                                  broadcast_buffers=not args.no_ddp_bb)
-    task.grad_scaler = run.loss_scaler._scaler if run.loss_scaler is not None else None
     if args.start_epoch is not None:
         run.start_epoch = args.start_epoch
+    run.subnet_every = args.stim_eval_every or subnet_eval_interval(
+        len(run.train_loader) * args.batch_size, len(run.eval_loader.dataset) if run.eval_loader else 0,
+        len(run.panel), args.stim_bn_images)
     run.cfg = LoopConfig(
         device=run.device, accum_steps=args.grad_accum_steps, log_interval=args.log_interval,
         channels_last=args.channels_last, prefetcher=args.prefetcher, model_dtype=args.torch_model_dtype,
@@ -243,8 +253,9 @@ def run_epoch(run: SimpleNamespace, epoch: int) -> Dict[str, Any]:
         ema_metrics = validate(task.get_eval_model(ema=True), run.eval_loader, cfg, label='Test (EMA)')
         row.update({f'ema_{k}': v for k, v in ema_metrics.items()})
         run.metric = ema_metrics[run.eval_metric]  # as timm: the EMA model decides the best checkpoint
-    if run.panel:
-        row.update(validate_subnets(run.eval_model, run.eval_loader, cfg, run.panel))
+    if run.panel and ((epoch + 1) % run.subnet_every == 0 or epoch == run.num_epochs - 1):
+        calib = calibration_batches(run.train_loader, cfg, args.stim_bn_images)
+        row.update(validate_subnets(run.eval_model, run.eval_loader, cfg, run.panel, calib))
     return row
 
 

@@ -1,52 +1,45 @@
-"""What a stimulative step costs: measured step time and peak memory against the FLOP-ideal.
+"""What a stimulative step costs: step time against the same step's FLOPs, and peak host memory.
 
     python benchmarks/step_cost.py                 # stim_resnet50 (128 px, b32) + stim_resnet56_cifar (32 px, b128)
-    python benchmarks/step_cost.py --threads 1     # on a busy machine: one thread is less noisy
     python benchmarks/step_cost.py --quick         # smoke mode (a test runs it)
     python benchmarks/step_cost.py --write         # also writes benchmarks/results/step_cost.md
 
 Rows: plain CE (``num_subnets=0``); ST (k=1, uniform rule, KL); ST++ (k=1, stpp rule, KL-, small
-inputs with min scale 0.43); ST++ k=6. One step = ``zero_grad`` + StimTask forward (which
-back-propagates the full CE and all but the last sub-network pass itself) + backward of the returned
-loss + SGD step, on random data, after warm-up steps; the task's own sampler draws the sub-networks
-and input sides, keyed by its step counter as in training.
+inputs with min scale 0.43); ST++ k=6. One step = ``zero_grad`` + ``task.set_step(i)`` + StimTask
+forward with ``backward_fn`` (as ``train_stim.py``: one graph alive at a time) + backward of the
+returned term + SGD step, on random data, after warm-up steps.
 
-Time. Each row runs in its own processes (never two rows in one process). Its timed steps are split
-into ``--rounds`` consecutive chunks, and the rounds of all rows are interleaved (plain, ST, ST++,
-ST++ k=6, plain, ...), so slow phases of a shared machine hit every row alike; round ``r`` resumes
-the task's step counter where round ``r-1`` stopped (``load_task_state``), so no draw repeats and
-the sampling sequence is the one of one long run. Median step = median of the pooled timed steps
-(wall clock). CPU time per step (``time.process_time``, all threads of the process) is recorded too:
-it does not count time the process waited for a core, so on a shared machine it is the steadier
-measure, and the table shows the efficiency computed from it next to the wall-clock one.
+Time (one process, all rows). Every row's model is built in the same process and the rows take turns
+*step by step*: round ``i`` runs step ``i`` of every row, in an order shuffled per round, so a slow
+phase of a shared machine hits the rows of a round alike. Each step is compared with its own FLOPs:
 
-Ideal ratio of a row = (fwd+bwd FLOPs of the full network + sum over its k sub-network passes of the
-fwd+bwd FLOPs of the sampled sub-network at its input side) / fwd+bwd FLOPs of the full network.
+- ideal ratio of a step = (fwd+bwd FLOPs of the full network + those of the sub-networks at the
+  input sides that step drew) / fwd+bwd FLOPs of the full network;
+- measured ratio of a step = its wall time / the plain-CE step time of the same round;
+- efficiency of a row = its FLOPs per second relative to plain CE's over the same rounds,
+  ``sum(ideal) / sum(measured)``: 1.0 means the extra passes run at plain training's FLOP rate.
+  The spread is the 25th-75th percentile of the per-step efficiencies ``ideal_i / measured_i``.
+
+``expected`` ideal = the exact expectation over the rule's candidates and the input sides (full
+enumeration), for reference. CPU time per step (``time.process_time``, all threads) is reported too:
+it does not count waiting for a core. The FLOP rate of the plain network at smaller sides is
+measured in the same process (interleaved sides) to show what small inputs do to the rate.
+
 FLOPs are counted, not modelled: ``torch.utils.flop_counter.FlopCounterMode`` on a forward+backward
-of the model (batch 1; counts scale linearly with batch), once per input side,
-with per-module counts. A block's FLOPs do not depend on which other blocks run (its input shape is
-fixed by the side), so a sub-network's count = full count at that side minus the counts of its
-skipped blocks; this is checked against a direct count of a sub-network. Only matmul/conv FLOPs are
-counted (what FlopCounterMode counts): BN, ReLU, adds, the loss, resize and optimizer are not.
-Two ideal ratios are printed:
+of the model (batch 1; counts scale linearly with batch), once per input side, with per-module
+counts; a sub-network's count = full count at that side minus its skipped blocks' counts (checked
+against a direct count). Only matmul/conv FLOPs count: BN, ReLU, adds, loss, resize and optimizer
+do not.
 
-- *expected*: the exact expectation, by full enumeration (no sampling): average over every candidate
-  of the rule (``sampler.candidates()``; per-stage draws are uniform and independent, so the average
-  over the product is the sum of per-stage averages) and over every input side in
-  ``[ceil(0.43 H), H]`` (uniform, as ``SmallInput`` draws it);
-- *timed*: the mean over the timed steps of the ratio for exactly the sub-networks and sides those
-  steps drew. Efficiency = ideal / measured, measured = median step time / plain CE's median step
-  time; the *timed* efficiency is the fair one for a finite number of steps.
-
-Peak RSS = ``ru_maxrss`` of each row process at its end (the peak over its life, model creation and
-warm-up included), max over the row's rounds; the RSS ratio is against plain CE.
-``--mmap-threshold BYTES`` calls glibc's ``mallopt(M_MMAP_THRESHOLD)`` in each row process before
-anything is allocated (as ``MALLOC_MMAP_THRESHOLD_`` would): an allocator experiment, see the results.
+Memory (one process per row, run one after another): peak RSS (``ru_maxrss``) of a fresh process
+that builds the row and runs warm-up + timed steps, with glibc's mmap threshold pinned as
+``train_stim.py`` does on CPU (``stim_timm.memory.pin_mmap_threshold``) and, for comparison, with
+glibc's default dynamic threshold. Ratios are against plain CE under the same allocator setting.
 """
 import argparse
-import ctypes
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -65,44 +58,72 @@ ROWS: Dict[str, dict] = {
 }
 MODELS: Dict[str, Tuple[int, int]] = {'stim_resnet50': (128, 32), 'stim_resnet56_cifar': (32, 128)}
 DEFAULT_STEPS = {'stim_resnet50': 12, 'stim_resnet56_cifar': 30}
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+RATE_SIDES = (1.0, 0.75, 0.5)  # fractions of the row size for the FLOP-rate table
 
 
-def build(model_name: str, row: str, seed: int = 0):
-    import timm
-    import stim_timm
-    torch.manual_seed(seed)
-    model = timm.create_model(model_name)
-    task = stim_timm.StimTask(model, nn.CrossEntropyLoss(), seed=seed, verbose=False, **ROWS[row])
-    return model, task
+class Row:
+    """One row's model, task, optimizer and batch; ``step(i)`` runs and times training step ``i``."""
 
+    def __init__(self, model_name: str, row: str, size: int, batch: int, seed: int = 0):
+        import timm
+        import stim_timm
+        torch.manual_seed(seed)
+        self.model = timm.create_model(model_name)
+        self.task = stim_timm.StimTask(self.model, nn.CrossEntropyLoss(), seed=seed, verbose=False, **ROWS[row])
+        self.task.train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.x = torch.randn(batch, 3, size, size)
+        self.y = torch.randint(0, self.model.num_classes, (batch,))
 
-def run_row(model_name: str, row: str, size: int, batch: int, steps: int, warmup: int, threads: int,
-            start_step: int = 0) -> dict:
-    """Time one row (one round of it) in this process: step times, what each timed step drew, peak RSS."""
-    torch.set_num_threads(threads)
-    model, task = build(model_name, row)
-    task.train()
-    task.load_task_state({'step': start_step})  # as a resumed run: the sampler goes on from here
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, model.num_classes, (batch,))
-    times, cpu_times, draws = [], [], []
-    for i in range(warmup + steps):
-        step = task.step
+    def step(self, i: int) -> Tuple[float, float, list]:
+        task, size = self.task, self.x.shape[-1]
         t0, c0 = time.perf_counter(), time.process_time()
-        opt.zero_grad(set_to_none=True)
-        task(x, y)['loss'].backward()
-        opt.step()
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        if i >= warmup:
-            times.append(dt)
-            cpu_times.append(dc)
-            sides = [task.small_input.side(size, step, k) if task.small_input else size
-                     for k in range(task.num_subnets)]
-            draws.append([[list(d), s] for d, s in zip(task.last_subnets, sides)])
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    return dict(times=times, cpu_times=cpu_times, draws=draws, peak_rss_mb=peak_mb, end_step=task.step)
+        self.opt.zero_grad(set_to_none=True)
+        task.set_step(i)
+        task(self.x, self.y, backward_fn=torch.Tensor.backward)['loss'].backward()
+        self.opt.step()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        sides = [task.small_input.side(size, i, k) if task.small_input else size for k in range(task.num_subnets)]
+        return wall, cpu, [[list(d), s] for d, s in zip(task.last_subnets if task.num_subnets else [], sides)]
+
+
+def time_rows(model_name: str, rows: Sequence[str], size: int, batch: int, steps: int, warmup: int,
+              rate_reps: int) -> dict:
+    """All rows in this process, interleaved step by step; then the plain network's rate per side."""
+    built = {row: Row(model_name, row, size, batch) for row in rows}
+    for i in range(warmup):
+        for row in rows:
+            built[row].step(-1 - i)  # warm-up steps: their own step indices, never timed
+    out = {row: dict(times=[], cpu_times=[], draws=[]) for row in rows}
+    for i in range(steps):
+        order = list(rows)
+        random.Random(i).shuffle(order)
+        for row in order:
+            wall, cpu, draws = built[row].step(i)
+            out[row]['times'].append(wall)
+            out[row]['cpu_times'].append(cpu)
+            out[row]['draws'].append(draws)
+        print(f'    round {i + 1}/{steps}: ' + ', '.join(f"{r} {1000 * out[r]['times'][-1]:.0f} ms" for r in rows),
+              file=sys.stderr, flush=True)
+    plain = built[rows[0]]
+    sides = sorted({max(8, int(size * f)) for f in RATE_SIDES}, reverse=True)
+    rate = {str(s): [] for s in sides}
+    for _ in range(rate_reps):
+        for s in sides:
+            x = torch.nn.functional.interpolate(plain.x, size=(s, s), mode='bilinear', align_corners=False)
+            t0 = time.perf_counter()
+            plain.model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(plain.model(x), plain.y).backward()
+            rate[str(s)].append(time.perf_counter() - t0)
+    return dict(rows=out, rate_times=rate)
+
+
+def peak_rss(model_name: str, row: str, size: int, batch: int, steps: int, warmup: int) -> dict:
+    """This process (fresh) runs one row; its peak RSS over its whole life."""
+    r = Row(model_name, row, size, batch)
+    for i in range(warmup + steps):
+        r.step(i)
+    return dict(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
 
 
 class FlopTable:
@@ -168,87 +189,108 @@ def expected_ideal(table: FlopTable, row: str, size: int) -> float:
     return (table.flops(None, size) + k * mean_sub) / table.flops(None, size)
 
 
-def timed_ideal(table: FlopTable, draws: List[list], size: int) -> float:
-    full = table.flops(None, size)
-    return statistics.mean([(full + sum(table.flops(d, s) for d, s in step)) / full for step in draws])
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100])."""
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100
+    lo = int(pos)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
 
 
 def child_main(args) -> None:
-    if args.mmap_threshold:
-        libc = ctypes.CDLL('libc.so.6')
-        assert libc.mallopt(M_MMAP_THRESHOLD, int(args.mmap_threshold)) == 1, 'mallopt failed'
-    res = run_row(args.model, args.row, args.size, args.batch, args.steps, args.warmup, args.threads,
-                  args.start_step)
+    torch.set_num_threads(args.threads)
+    if args.pin_mmap:
+        from stim_timm.memory import pin_mmap_threshold
+        pin_mmap_threshold()
+    if args.child == 'time':
+        res = time_rows(args.model, args.rows, args.size, args.batch, args.steps, args.warmup, args.rate_reps)
+    else:
+        res = peak_rss(args.model, args.rows[0], args.size, args.batch, args.steps, args.warmup)
     print(json.dumps(res))
 
 
-def split(total: int, parts: int) -> List[int]:
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+def run_child(kind: str, model_name: str, rows: Sequence[str], size: int, batch: int, steps: int,
+              warmup: int, args, pin: bool = True) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), '--child', kind, '--model', model_name, '--rows', *rows,
+           '--size', str(size), '--batch', str(batch), '--steps', str(steps), '--warmup', str(warmup),
+           '--threads', str(args.threads), '--rate-reps', str(args.rate_reps)] + (['--pin-mmap'] if pin else [])
+    env = {k: v for k, v in os.environ.items() if k != 'MALLOC_MMAP_THRESHOLD_'}
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if args.verbose else subprocess.PIPE, text=True,
+                         env=env)
+    if out.returncode != 0:
+        detail = f':\n{out.stderr[-3000:]}' if out.stderr else ''
+        raise RuntimeError(f'{model_name} / {kind} {list(rows)} failed{detail}')
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_model(model_name: str, size: int, batch: int, steps: int, warmup: int, rounds: int, args,
-              rows: Sequence[str]) -> List[dict]:
-    rounds = max(1, min(rounds, steps))
-    chunks = split(steps, rounds)
-    acc = {row: dict(row=row, times=[], cpu_times=[], draws=[], peak_rss_mb=0.0, next_step=0) for row in rows}
-    for r, n in enumerate(chunks):
-        for row in rows:
-            a = acc[row]
-            cmd = [sys.executable, os.path.abspath(__file__), '--child', '--row', row, '--model', model_name,
-                   '--size', str(size), '--batch', str(batch), '--steps', str(n), '--warmup', str(warmup),
-                   '--threads', str(args.threads), '--start-step', str(a['next_step'])]
-            if args.mmap_threshold:
-                cmd += ['--mmap-threshold', str(args.mmap_threshold)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise RuntimeError(f'{model_name} / {row} failed:\n{out.stderr[-3000:]}')
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            a['times'] += res['times']
-            a['cpu_times'] += res['cpu_times']
-            a['draws'] += res['draws']
-            a['peak_rss_mb'] = max(a['peak_rss_mb'], res['peak_rss_mb'])
-            a['next_step'] = res['end_step']
-            print(f'  {model_name} round {r + 1}/{len(chunks)} {row}: median '
-                  f'{1000 * statistics.median(res["times"]):.0f} ms, peak RSS {res["peak_rss_mb"]:.0f} MB',
-                  file=sys.stderr, flush=True)
+def analyse(table: FlopTable, rows: Sequence[str], size: int, batch: int, timed: dict) -> List[dict]:
+    """Per-step ideal and measured ratios, row efficiency (FLOP rate vs plain) and its spread."""
+    full = table.flops(None, size)
+    base = timed['rows'][rows[0]]
+    results = []
+    for row in rows:
+        t = timed['rows'][row]
+        ideal = [(full + sum(table.flops(d, s) for d, s in draws)) / full for draws in t['draws']]
+        measured = [a / b for a, b in zip(t['times'], base['times'])]
+        measured_cpu = [a / b for a, b in zip(t['cpu_times'], base['cpu_times'])]
+        per_step = [i / m for i, m in zip(ideal, measured)]
+        opts = ROWS[row]
+        results.append(dict(
+            row=row, k=opts['num_subnets'], rule=opts.get('rule', '-') if opts['num_subnets'] else '-',
+            kl_minus=bool(opts.get('kl_minus')), small_input=opts.get('small_input'),
+            median_ms=1000 * statistics.median(t['times']),
+            step_ms_p25_p75=[1000 * percentile(t['times'], 25), 1000 * percentile(t['times'], 75)],
+            ideal=sum(ideal) / len(ideal), ideal_min_max=[min(ideal), max(ideal)],
+            ideal_expected=expected_ideal(table, row, size),
+            measured=sum(measured) / len(measured),
+            efficiency=sum(ideal) / sum(measured),
+            efficiency_p25_p75=[percentile(per_step, 25), percentile(per_step, 75)],
+            efficiency_cpu=sum(ideal) / sum(measured_cpu),
+            times=t['times'], cpu_times=t['cpu_times'], draws=t['draws'], ideal_per_step=ideal))
+    rates = {}
+    for side, times in timed['rate_times'].items():
+        rates[side] = batch * table.flops(None, int(side)) / statistics.median(times) / 1e9
+    return results, rates
+
+
+def table_md(model_name: str, size: int, batch: int, steps: int, results: List[dict], rates: Dict[str, float],
+             memory: Dict[str, Dict[str, float]]) -> str:
+    lines = [f'**{model_name}** ({size} px, batch {batch}, {steps} interleaved rounds)', '',
+             '| row | k | rule | median step (ms) [p25-p75] | ideal ratio, timed steps [min-max] (expected) '
+             '| measured ratio | efficiency [p25-p75 per step] | efficiency, CPU time '
+             '| peak RSS MB, pinned (ratio) | peak RSS MB, glibc default (ratio) |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    base_mem = memory[results[0]['row']]
+    for r in results:
+        rule = r['rule'] + (', KL-, small inputs' if r['kl_minus'] and r['small_input'] else '')
+        m = memory[r['row']]
+        lines.append(
+            f"| {r['row']} | {r['k']} | {rule} | {r['median_ms']:.0f} [{r['step_ms_p25_p75'][0]:.0f}-"
+            f"{r['step_ms_p25_p75'][1]:.0f}] | {r['ideal']:.2f} [{r['ideal_min_max'][0]:.2f}-"
+            f"{r['ideal_min_max'][1]:.2f}] ({r['ideal_expected']:.2f}) | {r['measured']:.2f} "
+            f"| {r['efficiency']:.2f} [{r['efficiency_p25_p75'][0]:.2f}-{r['efficiency_p25_p75'][1]:.2f}] "
+            f"| {r['efficiency_cpu']:.2f} | {m['pinned']:.0f} ({m['pinned'] / base_mem['pinned']:.2f}) "
+            f"| {m['default']:.0f} ({m['default'] / base_mem['default']:.2f}) |")
+    lines += ['', 'Plain network, forward+backward FLOP rate by input side (same process, interleaved): '
+              + ', '.join(f'{side} px {rate:.0f} GFLOP/s' for side, rate in rates.items()) + '.']
+    return '\n'.join(lines)
+
+
+def run_model(model_name: str, size: int, batch: int, steps: int, warmup: int, args, rows: Sequence[str]):
+    print(f'  {model_name}: timing {len(rows)} rows x {steps} interleaved steps', file=sys.stderr, flush=True)
+    timed = run_child('time', model_name, rows, size, batch, steps, warmup, args)
+    memory = {row: dict(pinned=float('nan'), default=float('nan')) for row in rows}
+    for row in rows if args.memory_steps > 0 else []:
+        memory[row] = {mode: run_child('memory', model_name, [row], size, batch, args.memory_steps, warmup, args,
+                                       pin=mode == 'pinned')['peak_rss_mb'] for mode in ('pinned', 'default')}
+        print(f'  {model_name} {row}: peak RSS {memory[row]}', file=sys.stderr, flush=True)
     # FLOPs after the timed runs: counting must not compete with them for the cores.
     table = FlopTable(model_name)
     table.check(tuple(max(1, n - 1) for n in table.stage_depths), max(8, size // 2))
-    results = []
-    for row in rows:
-        a = acc.pop(row)
-        a.pop('next_step')
-        opts = ROWS[row]
-        a.update(k=opts['num_subnets'], rule=opts.get('rule', '-') if opts['num_subnets'] else '-',
-                 kl_minus=bool(opts.get('kl_minus')), small_input=opts.get('small_input'),
-                 median_ms=1000 * statistics.median(a['times']),
-                 median_cpu_ms=1000 * statistics.median(a['cpu_times']),
-                 ideal_expected=expected_ideal(table, row, size),
-                 ideal_timed=timed_ideal(table, a['draws'], size) if opts['num_subnets'] else 1.0)
-        results.append(a)
-    base = results[0]
+    results, rates = analyse(table, rows, size, batch, timed)
     for r in results:
-        r['measured'] = r['median_ms'] / base['median_ms']
-        r['measured_cpu'] = r['median_cpu_ms'] / base['median_cpu_ms']
-        r['eff_expected'] = r['ideal_expected'] / r['measured']
-        r['eff_timed'] = r['ideal_timed'] / r['measured']
-        r['eff_cpu_timed'] = r['ideal_timed'] / r['measured_cpu']
-        r['rss_ratio'] = r['peak_rss_mb'] / base['peak_rss_mb']
-    return results
-
-
-def table_md(model_name: str, size: int, batch: int, steps: int, results: List[dict]) -> str:
-    lines = [f'**{model_name}** ({size} px, batch {batch}, {steps} timed steps per row)', '',
-             '| row | k | rule | median step (ms) | measured ratio | ideal ratio (timed / expected) '
-             '| efficiency (timed / expected) | efficiency, CPU time (timed) | peak RSS (MB) | RSS ratio |',
-             '|---|---|---|---|---|---|---|---|---|---|']
-    for r in results:
-        rule = r['rule'] + (', KL-, small inputs' if r['kl_minus'] and r['small_input'] else '')
-        lines.append(f"| {r['row']} | {r['k']} | {rule} | {r['median_ms']:.0f} | {r['measured']:.2f} "
-                     f"| {r['ideal_timed']:.2f} / {r['ideal_expected']:.2f} "
-                     f"| {r['eff_timed']:.2f} / {r['eff_expected']:.2f} | {r['eff_cpu_timed']:.2f} "
-                     f"| {r['peak_rss_mb']:.0f} | {r['rss_ratio']:.2f} |")
-    return '\n'.join(lines)
+        r['peak_rss_mb'] = memory[r['row']]
+    return results, rates, memory
 
 
 def main() -> None:
@@ -257,21 +299,21 @@ def main() -> None:
     p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS),
                    help='rows to run (plain CE, the reference, is always run)')
     p.add_argument('--steps', type=int, default=None,
-                   help='timed steps per row (default: %s)' % ', '.join(f'{m} {s}' for m, s in DEFAULT_STEPS.items()))
-    p.add_argument('--warmup', type=int, default=2, help='untimed steps at the start of each row process')
-    p.add_argument('--rounds', type=int, default=2, help='interleaved rounds the timed steps are split into')
-    p.add_argument('--threads', type=int, default=2, help='torch.set_num_threads in every row process')
-    p.add_argument('--quick', action='store_true', help='smoke mode: batch 8, 2 steps, 1 warm-up, 1 round')
-    p.add_argument('--mmap-threshold', type=int, default=0,
-                   help="glibc mallopt(M_MMAP_THRESHOLD, BYTES) in the row processes (0: glibc's default)")
+                   help='interleaved timed rounds (default: %s)' % ', '.join(f'{m} {s}' for m, s in DEFAULT_STEPS.items()))
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps per row first')
+    p.add_argument('--memory-steps', type=int, default=4,
+                   help='steps of each peak-RSS process after warm-up (0: no memory measurement)')
+    p.add_argument('--rate-reps', type=int, default=5, help='repetitions of the FLOP-rate-by-side measurement')
+    p.add_argument('--threads', type=int, default=2, help='torch.set_num_threads in every child process')
+    p.add_argument('--quick', action='store_true', help='smoke mode: batch 8, 2 rounds, 1 warm-up')
     p.add_argument('--json', default=None, help='also write the raw results here')
+    p.add_argument('--verbose', action='store_true', help='show each timed round on stderr')
     p.add_argument('--write', action='store_true', help='write benchmarks/results/step_cost.md')
-    p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
-    p.add_argument('--row', help=argparse.SUPPRESS)
+    p.add_argument('--child', choices=('time', 'memory'), help=argparse.SUPPRESS)
+    p.add_argument('--pin-mmap', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--model', help=argparse.SUPPRESS)
     p.add_argument('--size', type=int, help=argparse.SUPPRESS)
     p.add_argument('--batch', type=int, help=argparse.SUPPRESS)
-    p.add_argument('--start-step', type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child_main(args)
@@ -279,17 +321,16 @@ def main() -> None:
     blocks, raw = [], {}
     for name in args.models:
         size, batch = MODELS[name]
-        steps, warmup, rounds = args.steps or DEFAULT_STEPS[name], args.warmup, args.rounds
+        steps, warmup = args.steps or DEFAULT_STEPS[name], args.warmup
         if args.quick:
-            batch, steps, warmup, rounds = 8, 2, 1, 1
-        results = run_model(name, size, batch, steps, warmup, rounds, args, rows)
-        raw[name] = results
-        blocks.append(table_md(name, size, batch, steps, results))
+            batch, steps, warmup, args.memory_steps, args.rate_reps = 8, 2, 1, min(args.memory_steps, 1), 1
+        results, rates, memory = run_model(name, size, batch, steps, warmup, args, rows)
+        raw[name] = dict(rows=results, gflops_by_side=rates)
+        blocks.append(table_md(name, size, batch, steps, results, rates, memory))
     text = '\n\n'.join(blocks)
     cmd = 'python benchmarks/step_cost.py ' + ' '.join(sys.argv[1:])
     header = (f'Measured with `{cmd.strip()}` (torch {torch.__version__}, CPU, {args.threads} thread(s) per '
-              f'row process, random data, median over the timed steps'
-              + (f', glibc mmap threshold {args.mmap_threshold}' if args.mmap_threshold else '') + ').')
+              'child process, random data; time: all rows in one process, interleaved step by step).')
     print(header + '\n\n' + text)
     if args.json:
         with open(args.json, 'w') as f:

@@ -11,8 +11,9 @@ CLI::
     python -m stim_timm.analyze CKPT [CKPT2 ...] --data-dir D --split test [--subnets N] [--out DIR]
 
 Outputs in ``--out``: ``subnets.csv``, ``subnets.json`` (``{"meta": ..., "rows": [...]}``) and
-``loafing.png``. Sub-networks use the full network's BN statistics unless ``--recalibrate-bn B``
-re-estimates them (on a copy of the model) from ``B`` training batches per sub-network.
+``loafing.png``. Each sub-network is evaluated with its own BN statistics, re-estimated (on a copy of
+the model) from ``--recalibrate-bn B`` training batches with training transforms (default 2;
+``0``: the full network's statistics, which understate every sub-network).
 """
 import argparse
 import copy
@@ -28,6 +29,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 from .checkpoint import CheckpointError, load_trained_model
+from .bn import reestimate_bn
 from .flops import subnet_flops
 from .models.subnet import get_stim_model, validate_depths
 from .sampling import SubnetSampler
@@ -95,8 +97,9 @@ def parse_panel(text: str) -> List[Depths]:
 # ------------------------------------------------------------------------------------------------ data
 
 def _make_loader(data_dir: str, split: str, data_config: Dict[str, Any], batch_size: int, workers: int,
-                 max_images: Optional[int] = None, seed: int = 0, shuffle: bool = False) -> DataLoader:
-    """timm dataset with timm's eval transform; ``max_images`` keeps a fixed random subset."""
+                 max_images: Optional[int] = None, seed: int = 0, shuffle: bool = False,
+                 training: bool = False) -> DataLoader:
+    """timm dataset with timm's eval (or train) transform; ``max_images`` keeps a fixed random subset."""
     from timm.data import create_dataset, create_transform
     if not os.path.isdir(data_dir):
         raise ValueError(f'{data_dir}: no such data folder')
@@ -107,8 +110,10 @@ def _make_loader(data_dir: str, split: str, data_config: Dict[str, Any], batch_s
         raise ValueError(f'{data_dir}: cannot read split {split!r} ({str(e).strip().splitlines()[0]})') from None
     if len(dataset) == 0:
         raise ValueError(f'{data_dir}: no images for split {split!r}')
+    if training:
+        torch.manual_seed(seed)  # the training transform's random crops and flips (workers=0)
     dataset.transform = create_transform(**{k: v for k, v in data_config.items() if k != 'test_input_size'},
-                                         is_training=False)
+                                         is_training=training)
     if max_images is not None and max_images < len(dataset):
         g = torch.Generator().manual_seed(seed)
         dataset = Subset(dataset, torch.randperm(len(dataset), generator=g)[:max_images].sort().values.tolist())
@@ -170,24 +175,10 @@ def _load_bn_state(bns: Sequence[nn.Module], state: Sequence[Tuple[torch.Tensor,
         m.num_batches_tracked.copy_(n)
 
 
-@torch.no_grad()
 def _recalibrate(model: nn.Module, depths: Depths, batches: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor, ...]]:
-    """BN statistics of one sub-network: cumulative averages over ``batches`` (train mode)."""
-    bns = _bn_layers(model)
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch counts equally
-    model.train()
-    try:
-        with get_stim_model(model).subnet(depths):
-            for x in batches:
-                model(x)
-    finally:
-        model.eval()
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-    return _bn_state(bns)
+    """BN statistics of one sub-network: averaged biased batch statistics over ``batches`` (``stim_timm.bn``)."""
+    reestimate_bn(model, batches, depths)
+    return _bn_state(_bn_layers(model))
 
 
 @torch.no_grad()
@@ -267,7 +258,7 @@ def analyze_checkpoints(
         model_name: Optional[str] = None,
         num_classes: Optional[int] = None,
         labels: Optional[Sequence[str]] = None,
-        recalibrate_bn: int = 0,
+        recalibrate_bn: int = 2,
         train_split: str = 'train',
         batch_size: int = 128,
         workers: int = 0,
@@ -281,7 +272,8 @@ def analyze_checkpoints(
         paths: run folders, ``.pth(.tar)`` or ``.safetensors`` files (bare weights need ``model_name``).
         panel: explicit sub-networks (e.g. a benchmark's fixed list) instead of ``default_panel``.
         subnets: panel size when ``panel`` is not given.
-        recalibrate_bn: training batches per sub-network to re-estimate BN statistics (0: off).
+        recalibrate_bn: training batches (training transforms) per sub-network to re-estimate its BN
+            statistics, so that it is not measured with the full network's (0: off).
         max_images: evaluate a fixed random subset (seeded) of the split.
 
     Rows: checkpoint, model, depths, blocks_kept, total_blocks, rel_flops, gflops, top1, top5,
@@ -304,7 +296,7 @@ def analyze_checkpoints(
         calib = None
         if recalibrate_bn > 0 and _bn_layers(model):
             train_loader = _make_loader(data_dir, train_split, data_config, batch_size, workers, None, seed,
-                                        shuffle=True)
+                                        shuffle=True, training=True)
             calib = [x for _, (x, _) in zip(range(recalibrate_bn), train_loader)]
             model = copy.deepcopy(model)  # BN buffers get rewritten: never on the loaded weights
         results = evaluate_subnets(model, loader, chosen, calib, progress, desc=label)
@@ -423,8 +415,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--model', default=None, help='model name, for bare weights files')
     parser.add_argument('--num-classes', type=int, default=None, help='class count, for bare weights files')
     parser.add_argument('--labels', nargs='+', default=None, help='legend labels, one per checkpoint')
-    parser.add_argument('--recalibrate-bn', type=int, default=0, metavar='BATCHES',
-                        help='re-estimate BN statistics of each sub-network on BATCHES training batches')
+    parser.add_argument('--recalibrate-bn', type=int, default=2, metavar='BATCHES',
+                        help="re-estimate BN statistics of each sub-network on BATCHES training batches "
+                             "(training transforms; default 2; 0: the full network's statistics)")
     parser.add_argument('--train-split', default='train', help='split used by --recalibrate-bn')
     parser.add_argument('--max-images', type=int, default=None, help='evaluate a fixed random subset')
     parser.add_argument('-b', '--batch-size', type=int, default=128)

@@ -1,13 +1,16 @@
 """One training epoch and the evaluations of ``train_stim.py``.
 
 The loop is timm's (gradient accumulation, AMP loss scaling, clipping, per-update LR schedule and
-EMA) around a ``StimTask``, which already ran backward for every term but the returned one. Metrics
+EMA) around a ``StimTask``, which it hands its own backward (the same accumulation divisor and
+loss scaling, no optimizer step) so the task frees each pass's graph before the next. Metrics
 stay on the device and are read only at log steps and at the end of an epoch: no per-step sync.
 """
 import logging
+import math
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -15,9 +18,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm import utils
 
+from .bn import subnet_bn
 from .models import get_stim_model
+from .task import StimTask
 
-__all__ = ['LoopConfig', 'train_one_epoch', 'validate', 'validate_subnets', 'subnet_column']
+__all__ = ['LoopConfig', 'train_one_epoch', 'validate', 'validate_subnets', 'subnet_column',
+           'calibration_batches', 'subnet_eval_interval']
 
 _logger = logging.getLogger('train')
 
@@ -74,7 +80,20 @@ def _to_device(input, target, cfg: LoopConfig, mixup_fn):
     return input, target
 
 
-def _backward(loss: torch.Tensor, task, optimizer, cfg: LoopConfig, loss_scaler, need_update: bool) -> None:
+def _forward(task, input: torch.Tensor, target: torch.Tensor, update: int, backward_fn: Callable):
+    """A StimTask keys its sub-networks to ``update`` and runs backward per term (one graph alive at
+    a time) through ``backward_fn``; any other timm task just returns its loss."""
+    if not isinstance(task, StimTask):
+        return task(input, target)
+    task.set_step(update)
+    return task(input, target, backward_fn=backward_fn)
+
+
+def _backward(loss: torch.Tensor, task, optimizer, cfg: LoopConfig, loss_scaler, need_update: bool,
+              divisor: int = 1) -> None:
+    """timm's backward: ``loss / divisor`` (grad accumulation) through the AMP scaler; the optimizer
+    steps (with clipping) only when ``need_update``."""
+    loss = loss / divisor if divisor != 1 else loss
     clip_params = task.get_clip_parameters(exclude_head='agc' in cfg.clip_mode) if cfg.clip_grad else None
     if loss_scaler is not None:
         loss_scaler(loss, optimizer, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
@@ -96,8 +115,8 @@ def train_one_epoch(epoch: int, task, loader, optimizer, cfg: LoopConfig, lr_sch
                     loss_scaler=None, mixup_fn=None) -> Dict[str, float]:
     """Train one epoch; returns ``loss`` (whole step loss), ``kl_loss`` and ``img_per_sec``.
 
-    All micro-batches of one optimizer update use the same sub-networks (``task.step`` is the update
-    index), so gradient accumulation over N micro-batches trains what N DDP ranks would.
+    All micro-batches of one optimizer update use the same sub-networks (the task's step is set to the
+    update index), so gradient accumulation over N micro-batches trains what N DDP ranks would.
     """
     task.get_trainable_module().train()
     n_batches = len(loader)
@@ -113,12 +132,12 @@ def train_one_epoch(epoch: int, task, loader, optimizer, cfg: LoopConfig, lr_sch
         need_update = last_batch or (batch_idx + 1) % cfg.accum_steps == 0
         accum = tail if tail and batch_idx >= n_batches - tail else cfg.accum_steps
         input, target = _to_device(input, target, cfg, mixup_fn)
-        task.loss_multiplier = 1.0 / accum
-        task.step = num_updates
         with nullcontext() if need_update else task.no_sync():
             with cfg.amp_autocast():
-                result = task(input, target)
-            _backward(result['loss'] / accum, task, optimizer, cfg, loss_scaler, need_update)
+                result = _forward(task, input, target, num_updates, partial(
+                    _backward, task=task, optimizer=optimizer, cfg=cfg, loss_scaler=loss_scaler,
+                    need_update=False, divisor=accum))
+            _backward(result['loss'], task, optimizer, cfg, loss_scaler, need_update, divisor=accum)
         logged = {k: result[k] for k in ('loss', 'kl_loss') if k in result}
         sums.add(input.shape[0], **logged)
         window.add(input.shape[0], **logged)
@@ -186,11 +205,47 @@ def subnet_column(depths: Sequence[int]) -> str:
     return 'subnet_' + '-'.join(str(d) for d in depths) + '_top1'
 
 
-def validate_subnets(model: nn.Module, loader, cfg: LoopConfig, panel: List[Sequence[int]]) -> Dict[str, float]:
-    """Top-1 of each panel sub-network, normalised with the full network's BN statistics."""
+def calibration_batches(loader, cfg: LoopConfig, num_images: int) -> List[torch.Tensor]:
+    """About ``num_images`` training images (training transforms) on the device, for BN re-estimation.
+
+    Starting a loader iteration draws from torch's global RNG (sampler order, worker seeds): it is
+    forked so that training goes on exactly as without the calibration.
+    """
+    if num_images <= 0:
+        return []
+    with torch.random.fork_rng(devices=[]):
+        return [_to_device(x, y, cfg, None)[0] for x, y in _first_images(loader, num_images)]
+
+
+def _first_images(loader, num_images: int):
+    seen = 0
+    for x, y in loader:
+        yield x, y
+        seen += x.shape[0]
+        if seen >= num_images:
+            return
+
+
+def subnet_eval_interval(num_train: int, num_eval: int, panel_size: int, calib_images: int,
+                         budget: float = 0.1) -> int:
+    """Epochs between sub-network validations keeping them within ``budget`` of the training cost.
+
+    A validation costs ``panel_size * (calib_images + num_eval)`` forward passes; an epoch at least
+    ``3 * num_train`` (forward + backward of the full network alone; sub-network passes only add).
+    """
+    if panel_size == 0 or num_train == 0:
+        return 1
+    return max(1, math.ceil(panel_size * (calib_images + num_eval) / (budget * 3 * num_train)))
+
+
+def validate_subnets(model: nn.Module, loader, cfg: LoopConfig, panel: List[Sequence[int]],
+                     calib_batches: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, float]:
+    """Top-1 of each panel sub-network. With ``calib_batches`` (training images) each sub-network is
+    normalised with its own re-estimated BN statistics (``stim_timm.bn``), else with the full
+    network's; the model's own statistics are restored after each."""
     stim = get_stim_model(model)
     out = {}
     for depths in panel:
-        with stim.subnet(depths):
+        with subnet_bn(model, depths, calib_batches) if calib_batches else nullcontext(), stim.subnet(depths):
             out[subnet_column(depths)] = validate(model, loader, cfg, label=f'Test {tuple(depths)}')['top1']
     return out

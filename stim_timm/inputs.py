@@ -1,8 +1,8 @@
 """Random smaller inputs for sub-network passes (ST++).
 
 Each sub-network pass sees the batch resized (bilinear, antialiased) to a random square side in
-``[ceil(min_scale * H), H]`` (a multiple of ``multiple``, e.g. a ViT's patch size); the side is a pure
-function of ``(seed, step, index)``.
+``[floor(min_scale * H), H]`` (a multiple of ``multiple``, e.g. a ViT's patch size); the side is a pure
+function of ``(seed, step, index)``. The floor is the ST++ code's ``int(H * min_scale)``: 96 px at 224.
 """
 import math
 import random
@@ -34,7 +34,7 @@ class SmallInput:
     def sides(self, full_side: int) -> Sequence[int]:
         """Every side ``side()`` can draw for ``full_side``, each equally likely."""
         m = self.multiple
-        low = max(1, math.ceil(self.min_scale * full_side - 1e-9))
+        low = max(1, math.floor(self.min_scale * full_side))
         return range(math.ceil(low / m) * m, full_side + 1, m) or [full_side]
 
     def side(self, full_side: int, step: int, index: int = 0) -> int:

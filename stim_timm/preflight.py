@@ -230,9 +230,11 @@ def check_model(args) -> Tuple[str, bool, nn.Module, Tuple[int, ...]]:
             _check_small_inputs(args, name, model, opts['small_input'])
     if args.kd_model_name and not timm.is_model(args.kd_model_name):
         raise BadInput(f"unknown teacher model '{args.kd_model_name}' (--kd-model-name)")
-    if args.kd_model_name and stim_on:
-        raise BadInput('--kd-model-name with stimulative training is not available yet: StimTask cannot wrap '
-                       "timm's distillation task until its inner-task redesign lands; distil without the stim flags")
+    if args.kd_model_name and stim_on and args.kd_distill_type != 'logit':
+        raise BadInput(f'--kd-distill-type {args.kd_distill_type} with stimulative training: the sub-network loss needs '
+                       f'the logits of the student itself; use --kd-distill-type logit')
+    if args.kd_model_name and stim_on and opts.get('norm_main'):
+        raise BadInput('--stim-norm-main with --kd-model-name: the distillation task owns the main loss')
     if args.kd_pretrained_path:
         _read_weights(args.kd_pretrained_path, '--kd-pretrained-path')
     return name, is_stim, model, depths

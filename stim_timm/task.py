@@ -1,38 +1,74 @@
-"""StimTask: timm's ClassificationTask plus the stimulative sub-network loss.
+"""StimTask: any timm training task plus the stimulative sub-network loss.
 
-One training step computes ``CE(full) + weight * sum_k KL(full || sub_k)``:
+One training step's loss is ``L = inner_loss + weight * sum_k D(full || sub_k)``, where
+``inner_loss`` is what the wrapped timm task returns for the full network (CE, or CE + KD with
+timm's ``LogitDistillationTask``) and ``D`` is KL (ST) or KL- (ST++) against the detached full logits.
 
-1. full forward, CE, and its backward right away (the full graph is freed before any sub-network
-   runs, so peak memory is that of the largest single pass, not of the sum);
-2. k sub-network passes against the detached full logits, each freed after its backward;
-3. the last sub-network loss is *returned* to the training loop, which calls ``backward`` on it as
-   on any timm task loss. Its value is the whole step's loss (earlier terms are added detached).
+Step protocol (explicit, nothing for the loop to remember):
 
-DDP: every backward but the returned one runs under ``no_sync()``; the returned one is synced and
-reaches every parameter (skipped blocks through a zero term), so DDP all-reduces the gradients
-accumulated by all passes exactly once. BN running statistics are only updated by the full pass.
+* ``task(input, target)`` returns ``L`` with its whole graph, like any timm task. Every timm loop is
+  then exact, timm's own ``train.py`` included (it divides by ``--grad-accum-steps``, scales for fp16
+  AMP and runs backward on the returned loss). The cost: the graphs of all k+1 passes are alive at
+  once.
+* ``task(input, target, backward_fn=fn)`` keeps one graph alive at a time: the task calls ``fn(term)``
+  on every term but the last, right after computing it, and returns the last term's graph in
+  ``'loss'`` (its *value* is the whole ``L``) for the loop's usual backward / optimizer step. ``fn``
+  must treat a term exactly as the loop treats the returned loss, except for the optimizer step
+  (e.g. ``lambda t: loss_scaler(t / accum_steps, optimizer, need_update=False)`` with timm's
+  ``NativeScaler``, or ``lambda t: (t / accum_steps).backward()``). The task calls ``fn`` under
+  ``no_sync()`` and with autocast off; the loop wraps non-update micro-batches in ``task.no_sync()``
+  as timm does.
+* ``task.step`` (the optimizer-update index) keys the sampled sub-networks and input sizes; the task
+  never advances it by itself. Set it with ``set_step(n)``, or let ``update_ema(step=n)`` do it: timm's
+  loop calls that after every optimizer update, so all micro-batches of one update share their
+  sub-networks (gradient accumulation over N micro-batches trains what N DDP ranks would).
+
+DDP: in ``backward_fn`` mode the returned (synced) term reaches every parameter (skipped blocks
+through a zero term), so gradients are all-reduced exactly once. BN running statistics are only
+updated by the full pass.
 """
+import logging
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
-from timm.task import ClassificationTask
+from timm.task import ClassificationTask, TrainingTask
 
 from .inputs import SmallInput
 from .losses import kl, kl_minus, normalize_logits
 from .models.subnet import frozen_bn_stats, get_stim_model
 from .sampling import SubnetSampler
 
-__all__ = ['StimTask']
+__all__ = ['StimTask', 'BackwardFn']
+
+_logger = logging.getLogger(__name__)
+
+BackwardFn = Callable[[torch.Tensor], None]
+_STALE_STEP_CALLS = 64  # training forwards at one step before we warn that nobody advances it
 
 
-class StimTask(ClassificationTask):
-    """Stimulative training task (ST / ST++).
+class _NormalizedCriterion(nn.Module):
+    """The criterion on layer-normalised logits (``norm_main``: the original ST++ code's CE)."""
+
+    def __init__(self, criterion: Union[nn.Module, Callable], amplitude: float):
+        super().__init__()
+        self.criterion = criterion
+        self.amplitude = amplitude
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.criterion(normalize_logits(logits, self.amplitude), target)
+
+
+class StimTask(TrainingTask):
+    """Stimulative training task (ST / ST++) wrapping a timm ``TrainingTask``.
 
     Args:
-        model: a stim model (or a DDP / compiled wrapper of one).
-        criterion: the full network's loss (e.g. timm's SoftTargetCrossEntropy under mixup).
+        task_or_model: a timm ``TrainingTask`` whose forward returns ``'loss'`` and ``'output'`` (the
+            full network's logits) and whose trainable module is a stim model; or a stim model
+            (or a DDP / compiled wrapper of one), then wrapped in a ``ClassificationTask``.
+        criterion: the full network's loss when a model is given (e.g. timm's SoftTargetCrossEntropy
+            under mixup); must be ``None`` with a task.
         num_subnets: sub-networks per step (k).
         rule: sampling rule, ``'uniform'`` (ST), ``'stpp'`` (ST++) or max drops like ``"0,1,3,0"``.
         kl_minus: use KL- (direction-only, layer-normalised logits) instead of KL.
@@ -40,14 +76,17 @@ class StimTask(ClassificationTask):
         amplitude: scale of the normalised logits for KL- (and for ``norm_main``).
         weight: weight of the sub-network loss.
         small_input: min scale of random smaller sub-network inputs, ``None`` for full size.
-        norm_main: also compute the full network's CE on normalised logits (the original ST++ code).
+        norm_main: also compute the full network's loss on normalised logits (the original ST++
+            code; only when a model is given).
         seed: fixes every sub-network and input size as a function of the step.
+        enabled: off, a step is the wrapped task's alone (e.g. before ``--stim-start-epoch``); a
+            public attribute the loop may switch between epochs.
     """
 
     def __init__(
             self,
-            model: nn.Module,
-            criterion: Union[nn.Module, Callable],
+            task_or_model: Union[TrainingTask, nn.Module],
+            criterion: Optional[Union[nn.Module, Callable]] = None,
             num_subnets: int = 1,
             rule: str = 'uniform',
             kl_minus: bool = False,
@@ -57,14 +96,29 @@ class StimTask(ClassificationTask):
             small_input: Optional[float] = None,
             norm_main: bool = False,
             seed: int = 0,
+            enabled: bool = True,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
     ):
-        super().__init__(model, criterion, device=device, dtype=dtype, verbose=verbose)
         if num_subnets < 0:
             raise ValueError(f'num_subnets must be >= 0, got {num_subnets}')
-        stim = get_stim_model(model)
+        if isinstance(task_or_model, TrainingTask):
+            if criterion is not None or norm_main:
+                raise ValueError('StimTask(task, ...): the wrapped task owns the loss; criterion and '
+                                 'norm_main apply only when StimTask is given a model')
+            inner = task_or_model
+            device = device if device is not None else inner.device
+            dtype = dtype if dtype is not None else inner.dtype
+        else:
+            if criterion is None:
+                raise ValueError('StimTask(model, criterion): a criterion is needed with a model')
+            inner = ClassificationTask(
+                task_or_model, _NormalizedCriterion(criterion, amplitude) if norm_main else criterion,
+                device=device, dtype=dtype, verbose=verbose)
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        self.inner = inner
+        stim = get_stim_model(inner.get_trainable_module())
         self.sampler = SubnetSampler.for_model(stim, rule, seed)
         self.num_subnets = int(num_subnets)
         self.kl_minus = kl_minus
@@ -77,12 +131,29 @@ class StimTask(ClassificationTask):
         self.small_input = (SmallInput(small_input, seed, multiple=stim.stim_input_multiple)
                             if small_input is not None else None)
         self.norm_main = norm_main
-        self.step = 0  # training forward calls so far; keys the sampler, saved with checkpoints
-        self.enabled = True  # off: plain CE (e.g. before --stim-start-epoch)
-        # Set by the training loop so internal backward passes match the returned loss's treatment.
-        self.grad_scaler: Optional[Any] = None  # torch.amp.GradScaler for fp16 AMP
-        self.loss_multiplier = 1.0  # e.g. 1 / grad_accum_steps
+        self.enabled = enabled
+        self.step = 0  # optimizer-update index keying the sampler; saved with checkpoints
+        self._calls_at_step = 0
         self.last_subnets: List[tuple] = []
+
+    # -- the step counter (driven by the caller) ---------------------------------------------
+    def set_step(self, step: int) -> None:
+        """Key the next training forwards' sub-networks and input sizes to optimizer update ``step``."""
+        self.step = int(step)
+        self._calls_at_step = 0
+
+    def update_ema(self, step: Optional[int] = None) -> None:
+        """timm's per-update hook: updates the wrapped task's EMA and, given ``step``, sets ``step``."""
+        self.inner.update_ema(step=step)
+        if step is not None:
+            self.set_step(step)
+
+    def _count_call(self) -> None:
+        self._calls_at_step += 1
+        if self._calls_at_step == _STALE_STEP_CALLS + 1:
+            _logger.warning(f'StimTask: {_STALE_STEP_CALLS} training steps at step {self.step}: the same '
+                            'sub-networks every time. Call task.set_step(update) or task.update_ema(step=update) '
+                            'after each optimizer update.')
 
     # -- losses ------------------------------------------------------------------------------
     def subnet_loss(self, sub_logits: torch.Tensor, full_logits: torch.Tensor) -> torch.Tensor:
@@ -90,80 +161,117 @@ class StimTask(ClassificationTask):
             return kl_minus(sub_logits, full_logits, self.temperature, self.amplitude)
         return kl(sub_logits, full_logits, self.temperature)
 
-    def main_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.norm_main:
-            logits = normalize_logits(logits, self.amplitude)
-        return self.criterion(logits, target)
-
     # -- the step ----------------------------------------------------------------------------
-    def _backward(self, loss: torch.Tensor) -> None:
-        loss = loss * self.loss_multiplier
-        if self.grad_scaler is not None:
-            loss = self.grad_scaler.scale(loss)
-        with self.no_sync(), torch.autocast(loss.device.type, enabled=False):
-            loss.backward()
+    def _call_backward(self, backward_fn: BackwardFn, term: torch.Tensor) -> None:
+        with self.no_sync(), torch.autocast(term.device.type, enabled=False):
+            backward_fn(term)
 
     def _is_distributed(self) -> bool:
-        return isinstance(self.trainable_module, nn.parallel.DistributedDataParallel)
+        return isinstance(self.get_trainable_module(), nn.parallel.DistributedDataParallel)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, input: torch.Tensor, target: torch.Tensor,
+                backward_fn: Optional[BackwardFn] = None) -> Dict[str, torch.Tensor]:
+        """One step's loss; see the module docstring for ``backward_fn``.
+
+        Returns the wrapped task's entries (extras detached) with ``'loss'`` the whole step's loss,
+        ``'output'`` the detached full logits, ``'main_loss'`` (the wrapped task's loss) and
+        ``'kl_loss'`` (the mean sub-network term).
+        """
         if not (self.training and self.enabled and self.num_subnets > 0 and torch.is_grad_enabled()):
-            result = self._plain(input, target)
-            if self.training and torch.is_grad_enabled():
-                self.step += 1
-            return result
-
-        model = self.trainable_module
+            return self.inner(input, target)
+        self._count_call()
+        model = self.get_trainable_module()
         stim = get_stim_model(model)
-        output = model(input)
-        ce = self.main_loss(output, target)
-        teacher = output.detach()
-        self._backward(ce)
-
-        done = ce.detach()
-        kl_sum = torch.zeros((), device=done.device)
+        stepwise = backward_fn is not None
+        # DDP syncs the backward of the passes whose forward ran outside no_sync(): the one backward
+        # of the whole graph by default, the returned last term's with backward_fn.
+        with self.no_sync() if stepwise else nullcontext():
+            result = self.inner(input, target)
+        main, teacher = result['loss'], result['output'].detach()
+        total = main
+        if stepwise:
+            self._call_backward(backward_fn, main)
+            total = main.detach()
+        kl_sum = torch.zeros((), device=teacher.device)
         self.last_subnets = []
         for k in range(self.num_subnets):
             depths = self.sampler.sample(self.step, k)
             self.last_subnets.append(depths)
             x = self.small_input(input, self.step, k) if self.small_input is not None else input
             last = k == self.num_subnets - 1
-            with stim.subnet(depths), frozen_bn_stats(stim), (nullcontext() if last else self.no_sync()):
-                sub_loss = self.weight * self.subnet_loss(model(x), teacher)
-                if last and self._is_distributed():
+            synced = stepwise and last
+            with stim.subnet(depths), frozen_bn_stats(stim), (nullcontext() if synced else self.no_sync()):
+                term = self.weight * self.subnet_loss(model(x), teacher)
+                kl_sum = kl_sum + term.detach()
+                if synced and self._is_distributed():
                     # DDP's synced backward must reach every parameter: skipped blocks get zeros.
-                    sub_loss = sub_loss + sum(p.sum() for p in stim.skipped_parameters()) * 0.0
-            kl_sum = kl_sum + sub_loss.detach()
-            if not last:
-                self._backward(sub_loss)
-                done = done + sub_loss.detach()
-                del sub_loss
-        self.step += 1
-        # Value: the whole step's loss. Gradient: the last sub-network's term only.
-        loss = sub_loss + done
-        return {
-            'loss': loss,
-            'output': teacher,
-            'ce_loss': ce.detach(),
-            'kl_loss': kl_sum / self.num_subnets,
-        }
+                    term = term + sum(p.sum() for p in stim.skipped_parameters()) * 0.0
+            if not stepwise:
+                total = total + term
+            elif not last:
+                self._call_backward(backward_fn, term)
+                total = total + term.detach()
+            else:
+                total = term + total  # value: the whole step's loss; gradient: this term's only
+            del term
+        extras = {k: v.detach() if torch.is_tensor(v) else v for k, v in result.items()
+                  if k not in ('loss', 'output')}
+        return {**extras, 'loss': total, 'output': teacher, 'main_loss': main.detach(),
+                'kl_loss': kl_sum / self.num_subnets}
 
-    def _plain(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        output = self.trainable_module(input)
-        return {'loss': self.main_loss(output, target), 'output': output}
+    # -- delegation to the wrapped task ------------------------------------------------------
+    @property
+    def trainable_module(self) -> nn.Module:
+        return self.inner.get_trainable_module()
+
+    def get_trainable_module(self, ema: bool = False) -> Optional[nn.Module]:
+        return self.inner.get_trainable_module(ema=ema)
+
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'StimTask':
+        self.inner.prepare_distributed(device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs):
+        return self.inner.compile(backend=backend, mode=mode, **compile_kwargs)
+
+    def setup_ema(self, decay: float = 0.9999, use_warmup: bool = False,
+                  device: Optional[torch.device] = None, **kwargs) -> nn.Module:
+        return self.inner.setup_ema(decay=decay, use_warmup=use_warmup, device=device, **kwargs)
+
+    def has_ema(self) -> bool:
+        return self.inner.has_ema()
+
+    def compile_ema(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs):
+        return self.inner.compile_ema(backend=backend, mode=mode, **compile_kwargs)
+
+    def get_clip_parameters(self, exclude_head: bool = False):
+        return self.inner.get_clip_parameters(exclude_head=exclude_head)
+
+    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+        return self.inner.get_eval_model(module=module, ema=ema)
+
+    def no_sync(self):
+        return self.inner.no_sync()
+
+    def create_evaluator(self, **kwargs):
+        return self.inner.create_evaluator(**kwargs)
 
     # -- checkpoint state --------------------------------------------------------------------
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        if ema:
-            return {}
-        return {'step': self.step, 'sampler': self.sampler.state_dict()}
+        inner = self.inner.get_task_state(module=module, ema=ema)
+        state = {} if ema else {'step': self.step, 'sampler': self.sampler.state_dict()}
+        if inner:
+            state['inner'] = inner
+        return state
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
                         module: Optional[nn.Module] = None, ema: bool = False) -> None:
+        state = state or {}
+        self.inner.load_task_state(state.get('inner'), strict=strict, module=module, ema=ema)
         if ema or not state:
             return
         saved = state.get('sampler')
         if strict and saved and tuple(saved['stage_depths']) != self.sampler.stage_depths:
             raise ValueError(f"checkpoint sampler has stages {tuple(saved['stage_depths'])}, "
                              f'the model has {self.sampler.stage_depths}')
-        self.step = int(state.get('step', 0))
+        self.set_step(int(state.get('step', 0)))

@@ -284,6 +284,21 @@ def _stim_flags(p: argparse.ArgumentParser) -> None:
          help='sub-networks validated each epoch (smallest, median, random); 0: none')
 
 
+def _recipe_flags(p: argparse.ArgumentParser) -> None:
+    """Data flags timm's train.py lacks, needed by the ST/ST++ ImageNet recipe (issue 13)."""
+    g = p.add_argument_group('Recipe additions (not in timm train.py)')
+    _add(g, '--train-crop-size', type=int, default=None, metavar='N',
+         help='side of the random train crops; default: the eval input size (the ST++ ImageNet run: 200)')
+    _add(g, '--lighting', type=float, default=0.0, metavar='STD',
+         help='PCA lighting noise std (AlexNet) on train images; 0: off')
+    _add(g, '--stim-bn-images', type=int, default=256, metavar='N',
+         help="re-estimate each validated sub-network's BN statistics on N training images; 0: use the "
+              "full network's")
+    _add(g, '--stim-eval-every', type=int, default=0, metavar='E',
+         help='validate the sub-networks every E epochs (and at the last); 0: the interval keeping it '
+              'within 10%% of the training cost')
+
+
 class _Parser(argparse.ArgumentParser):
     """Errors are one line (this parser's usage text would be a screenful)."""
 
@@ -296,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description='Train a timm model with stimulative training (ST / ST++), or without.')
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML of defaults (command line wins)')
     for add in (_data_flags, _model_flags, _device_flags, _optim_flags, _sched_flags, _aug_flags,
-                _misc_flags, _size_flags, _kd_flags, _stim_flags):
+                _recipe_flags, _misc_flags, _size_flags, _kd_flags, _stim_flags):
         add(p)
     return p
 

@@ -11,6 +11,7 @@ from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, cr
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from .models import create_stimulative
+from .transforms import add_lighting
 
 __all__ = ['resolve_model_name', 'create_stim_model', 'create_datasets', 'create_loaders', 'train_loss',
            'distillation_task']
@@ -105,6 +106,10 @@ def create_loaders(args, data_config, device, datasets) -> Tuple[Any, Optional[A
         batch_schedule_random_mix=args.train_size_random_mix)
     if args.train_batches_per_epoch:
         sizes['num_batches'] = args.train_batches_per_epoch
+    if args.train_crop_size is not None and args.train_crop_size < 1:
+        raise ValueError(f'--train-crop-size must be a positive side, got {args.train_crop_size}')
+    train_size = data_config['input_size'] if not args.train_crop_size else \
+        (data_config['input_size'][0], args.train_crop_size, args.train_crop_size)
     train_loader = create_loader(
         train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
         re_mode=args.remode, re_count=args.recount, re_split=args.resplit, train_crop_mode=args.train_crop_mode,
@@ -114,7 +119,9 @@ def create_loaders(args, data_config, device, datasets) -> Tuple[Any, Optional[A
         interpolation=data_config['interpolation'] if args.no_aug or not args.train_interpolation
         else args.train_interpolation, collate_fn=collate, worker_seeding=args.worker_seeding,
         use_multi_epochs_loader=args.use_multi_epochs_loader, num_aug_splits=max(args.aug_splits, 0),
-        **sizes, **common)
+        **sizes, **dict(common, input_size=train_size))
+    if args.lighting:
+        train_ds.transform = add_lighting(train_ds.transform, args.lighting)
     if hasattr(train_loader.sampler, 'seed'):  # DDP data order follows --seed too
         train_loader.sampler.seed = args.seed
     eval_loader = None if eval_ds is None else create_loader(

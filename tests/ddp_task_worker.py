@@ -1,6 +1,7 @@
 """Run by test_task.py under ``torch.distributed.run`` (2 gloo ranks): two StimTask steps with DDP.
 
-Each rank takes its half of a fixed global batch; rank 0 writes the final parameters.
+Each rank takes its half of a fixed global batch; rank 0 writes the final parameters of both step
+protocols (summed loss, ``backward_fn``).
 """
 import os
 import sys
@@ -29,22 +30,30 @@ def task_kwargs():
     return dict(num_subnets=3, rule='uniform', kl_minus=True, small_input=0.5, seed=5, verbose=False)
 
 
-def main(out_path: str) -> None:
-    dist.init_process_group('gloo')
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
+def train(stepwise: bool, rank: int, world: int):
+    """STEPS updates through DDP, with the loss returned whole or term by term (``backward_fn``)."""
     task = stim_timm.StimTask(build(), torch.nn.CrossEntropyLoss(), **task_kwargs())
     task.prepare_distributed()
     opt = torch.optim.SGD(task.trainable_module.parameters(), lr=LR)
     task.train()
     half = BATCH // world
-    for x, y in batches():
+    for step, (x, y) in enumerate(batches()):
         opt.zero_grad()
-        out = task(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+        task.set_step(step)
+        kwargs = {'backward_fn': torch.Tensor.backward} if stepwise else {}
+        out = task(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half], **kwargs)
         out['loss'].backward()
         opt.step()
+    return {k: v.detach().clone() for k, v in task.trainable_module.module.named_parameters()}
+
+
+def main(out_path: str) -> None:
+    dist.init_process_group('gloo')
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    params = {mode: train(mode == 'backward_fn', rank, world) for mode in ('summed', 'backward_fn')}
     if rank == 0:
-        torch.save({k: v.detach().clone() for k, v in task.trainable_module.module.named_parameters()}, out_path)
+        torch.save(params, out_path)
     dist.barrier()
     dist.destroy_process_group()
 

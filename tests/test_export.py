@@ -188,3 +188,21 @@ def test_export_cli_subprocess_exit_code(tmp_path):
 def test_package_exports_export_subnet():
     assert stim_timm.export_subnet is export_subnet
     assert stim_timm.is_stim_model(timm.create_model('stim_vit_tiny_patch16_224', device='meta'))
+
+
+def test_export_cli_reestimates_the_subnets_bn_on_training_images(tmp_path, mini_data, capsys):
+    model = _perturb_bn(timm.create_model('stim_resnet20_cifar', num_classes=10))
+    run = _save_run(tmp_path / 'run', model, 'stim_resnet20_cifar', 10)
+    sha = _sha(os.path.join(run, 'model.safetensors'))
+    kept, fair = tmp_path / 'kept', tmp_path / 'fair'
+    assert main([run, '--depths', '1,2,1', '--out', str(kept)]) == 0
+    assert main([run, '--depths', '1,2,1', '--out', str(fair), '--data-dir', mini_data, '--bn-batches', '1',
+                 '-b', '16']) == 0
+    assert 're-estimated the BN statistics of sub-network [1, 2, 1] on 16 training images' in capsys.readouterr().out
+    a = timm.create_model(f'local-dir:{kept}', pretrained=True)
+    b = timm.create_model(f'local-dir:{fair}', pretrained=True)
+    assert torch.equal(a.layer1[0].bn1.weight, b.layer1[0].bn1.weight)  # weights are the model's
+    assert not torch.equal(a.layer1[0].bn1.running_var, b.layer1[0].bn1.running_var)
+    with torch.no_grad(), model.subnet((1, 2, 1)):
+        assert torch.equal(a.layer2[1].bn2.running_mean, model.layer2[1].bn2.running_mean)
+    assert _sha(os.path.join(run, 'model.safetensors')) == sha

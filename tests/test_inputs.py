@@ -9,9 +9,15 @@ from stim_timm import SmallInput
 def test_side_range_and_determinism():
     small = SmallInput(0.43, seed=5)
     sides = [small.side(224, step, k) for step in range(400) for k in range(2)]
-    assert min(sides) == 97 and max(sides) == 224  # ceil(0.43 * 224) = 97
+    assert min(sides) == 96 and max(sides) == 224  # floor(0.43 * 224) = 96, as int() in the ST++ code
     assert sides == [SmallInput(0.43, seed=5).side(224, s, k) for s in range(400) for k in range(2)]
     assert sides != [SmallInput(0.43, seed=6).side(224, s, k) for s in range(400) for k in range(2)]
+
+
+def test_lower_bound_is_the_st_pp_codes_int():
+    # int(train_crop_size * mini_size) in the authors' code: 96 at 224, 86 at their 200 px train crop.
+    assert min(SmallInput(0.43).sides(224)) == 96 and min(SmallInput(0.43).sides(200)) == 86
+    assert list(SmallInput(0.5).sides(8)) == [4, 5, 6, 7, 8]
 
 
 def test_resize_is_bilinear_antialiased_square():
@@ -42,4 +48,4 @@ def test_bad_scale(scale):
 def test_sides_keep_a_multiple_for_patch_models():
     small = SmallInput(0.43, seed=1, multiple=16)
     sides = {small.side(224, s) for s in range(300)}
-    assert sides == set(range(112, 225, 16))  # ceil(0.43 * 224) = 97 -> 112
+    assert sides == set(range(96, 225, 16))  # floor(0.43 * 224) = 96, a multiple of 16

@@ -201,5 +201,18 @@ def test_kd_baseline_runs_with_finite_losses(data, tmp_path):
     assert 'LogitDistillationTask' in proc.stdout + proc.stderr
     table = rows(tmp_path / 'kd')
     assert 0 < float(table[0]['train_loss']) < 100 and float(table[0]['eval_top1']) >= 0
-    st = run([data, *FAST, '--stim', '--kd-model-name', 'stim_resnet20_cifar', '--output', tmp_path], code=2)
-    assert 'with stimulative training is not available yet' in st.stderr
+    st = run([data, *FAST, '--stim', '--kd-model-name', 'stim_resnet20_cifar', '--kd-distill-type', 'feature',
+              '--output', tmp_path], code=2)
+    assert '--kd-distill-type feature with stimulative training' in st.stderr
+
+
+def test_kd_with_stimulative_training_runs_with_finite_losses(data, tmp_path):
+    """ST++ wraps timm's LogitDistillationTask: the distilled student's logits teach the sub-networks."""
+    import timm
+    import stim_timm  # noqa: F401
+    torch.save(timm.create_model('stim_resnet20_cifar', num_classes=10).state_dict(), tmp_path / 'teacher.pth')
+    run([data, *FAST, '--epochs', '1', '-b', '16', '--output', tmp_path, '--experiment', 'kdst', '--stim-pp',
+         '--kd-model-name', 'stim_resnet20_cifar', '--kd-pretrained-path', tmp_path / 'teacher.pth',
+         '--stim-eval-subnets', '1'])
+    table = rows(tmp_path / 'kdst')
+    assert 0 < float(table[0]['train_loss']) < 100 and 0 < float(table[0]['train_kl_loss']) < 100

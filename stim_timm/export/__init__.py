@@ -153,6 +153,20 @@ def _export_card(arch: str, depths: Tuple[int, ...], full: Tuple[int, ...], sour
         + f'```python\n{imports}\nmodel = timm.create_model({where}, pretrained=True).eval()\n```\n')
 
 
+def _reestimate_subnet_bn(model: nn.Module, depths: Tuple[int, ...], args, data_config: Dict[str, Any]) -> int:
+    """The loaded model's BN statistics become sub-network ``depths``' own (training images and
+    transforms, ``stim_timm.bn``); the checkpoint on disk is not touched."""
+    from ..analyze import _make_loader
+    from ..bn import reestimate_bn
+    if args.batch_size < 1:
+        raise ValueError('--batch-size must be >= 1')
+    validate_depths(depths, get_stim_model(model).stage_depths)
+    loader = _make_loader(args.data_dir, args.train_split, data_config, args.batch_size, 0, shuffle=True,
+                          training=True)
+    batches = [x for _, (x, _) in zip(range(args.bn_batches), loader)]
+    return reestimate_bn(model, batches, depths)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog='python -m stim_timm.export',
@@ -165,6 +179,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--push-to-hub', default=None, metavar='REPO_ID', help='also upload the folder')
     parser.add_argument('--hub-private', action='store_true')
     parser.add_argument('--hub-revision', default=None)
+    parser.add_argument('--data-dir', default=None,
+                        help="re-estimate the sub-network's BN statistics on training images of this folder "
+                             "(default: keep the full network's)")
+    parser.add_argument('--train-split', default='train', help='split used with --data-dir')
+    parser.add_argument('--bn-batches', type=int, default=2, metavar='B',
+                        help='training batches for the BN re-estimation with --data-dir (default 2; 0: off)')
+    parser.add_argument('-b', '--batch-size', type=int, default=128, help='batch size of the BN re-estimation')
     args = parser.parse_args(argv)
     from ..checkpoint import CheckpointError, load_trained_model
     from ..hub import HubError, upload_folder
@@ -172,6 +193,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         depths = parse_depths(args.depths)
         model, weights = load_trained_model(args.checkpoint, args.model, args.num_classes)
         model.eval()
+        if args.data_dir and args.bn_batches > 0:
+            seen = _reestimate_subnet_bn(model, depths, args, run_data_config(model, weights.args))
+            print(f're-estimated the BN statistics of sub-network {list(depths)} on {seen} training images')
         plain = export_subnet(model, depths)
         os.makedirs(args.out, exist_ok=True)
         save_plain_model(plain, args.out, run_data_config(model, weights.args))
