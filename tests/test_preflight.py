@@ -74,7 +74,7 @@ CASES: Dict[str, Tuple[Callable[[Path], List[str]], str]] = {
     'no_residual_stages': (lambda t: ['--model', 'vgg11', '--stim'],
                            'stimulative training needs skippable residual stages: cannot find residual stages in VGG'),
     'small_input_too_small': (lambda t: ['--model', 'convnext_atto', '--stim-pp', '--img-size', '32'],
-                              'the smallest sub-network input (14 px, --stim-small-input 0.43 of 32) does not run '
+                              'the smallest sub-network input (13 px, --stim-small-input 0.43 of 32) does not run '
                               'through convnext_atto'),
     'impossible_rule': (lambda t: ['--stim', '--stim-rule', '0,5,0'],
                         '--stim-rule for stim_resnet20_cifar (3, 3, 3): sampling rule: stage 1 may drop at most 2'),

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from stim_timm.train_args import parse_args
+from stim_timm.preflight import preflight
+from stim_timm.train_args import builtin_defaults, parse_args
 from stim_timm.transforms import Lighting, add_lighting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,8 +19,8 @@ RECIPE = os.path.join(REPO, 'hparams', 'resnet50_stpp_in1k.yaml')
 
 
 def setup_recipe(mini_data, *extra: str):
-    args, _ = parse_args(['-c', RECIPE, mini_data, '-b', '2', '-j', '0', '--device', 'cpu', *extra])
-    return train_stim.setup(args)
+    args, _ = parse_args(['-c', RECIPE, mini_data, '-b', '2', '-j', '0', '--device', 'cpu', '--val-split', 'test', *extra])
+    return train_stim.setup(args, preflight(args, builtin_defaults()))
 
 
 def test_stpp_in1k_recipe_matches_the_authors_run(mini_data):
