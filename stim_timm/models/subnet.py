@@ -307,11 +307,11 @@ def compile_stimulative(model: nn.Module, **compile_kwargs) -> nn.Module:
     """
     stim = get_stim_model(model)
     blocks = {n for stage in stim.stim_stages for n in stage}
-    holders = {n.rsplit('.', k)[0] for n in blocks for k in range(1, n.count('.') + 1)} | {''}
+    ancestors = {''} | {n[:i] for n in blocks for i, c in enumerate(n) if c == '.'}  # containers of blocks
     for name, module in stim.named_modules():
         if name in blocks:
             module.stim_compiled = _own_compiled_forward(name, **compile_kwargs)
-        elif name and name not in holders and name.rpartition('.')[0] in holders and \
+        elif name not in ancestors and name.rpartition('.')[0] in ancestors and \
                 any(True for _ in module.parameters()):
             module.forward = functools.partial(_own_compiled_forward(name, **compile_kwargs), module)
     return model
