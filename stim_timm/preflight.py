@@ -22,10 +22,9 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, read_torch_checkpoint
 from .runstate import clean_run_folder, run_files
 from .inputs import SmallInput
-from .models import is_stim_model, make_stimulative
+from .models import check_model_name, is_stim_model, make_stimulative
 from .sampling import rule_max_drops
 from .train_args import stim_options
-from .train_setup import resolve_model_name
 
 __all__ = ['BadInput', 'Preflight', 'preflight', 'one_line', 'check_values', 'check_model', 'check_data',
            'check_checkpoints', 'check_output', 'check_services', 'clean_run_folder']
@@ -209,7 +208,7 @@ def check_model(args) -> Tuple[str, bool, nn.Module, Tuple[int, ...]]:
     opts = stim_options(args)
     stim_on = opts['num_subnets'] > 0
     try:
-        name, is_stim = resolve_model_name(args.model, stim_on)
+        name, is_stim = check_model_name(args.model), stim_on
     except ValueError as e:
         raise BadInput(one_line(e)) from None
     model = _meta_model(args, name)

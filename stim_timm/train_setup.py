@@ -4,7 +4,6 @@ model or folder, raised before the script writes anything."""
 import os
 from typing import Any, Optional, Tuple
 
-import timm
 import torch
 import torch.nn as nn
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader
@@ -13,15 +12,8 @@ from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEn
 from .models import create_stimulative
 from .transforms import add_lighting
 
-__all__ = ['resolve_model_name', 'create_stim_model', 'create_datasets', 'create_loaders', 'train_loss',
+__all__ = ['create_stim_model', 'create_datasets', 'create_loaders', 'train_loss',
            'distillation_task']
-
-
-def resolve_model_name(name: str, stim_on: bool) -> Tuple[str, bool]:
-    """``name`` if timm knows it (any timm model or a stim_* name), else a ValueError."""
-    if not timm.is_model(name):
-        raise ValueError(f"unknown model '{name}' (neither a timm nor a stim_* model)")
-    return name, stim_on
 
 
 def create_stim_model(args, stim_on: bool = True, small_inputs: bool = False) -> nn.Module:

@@ -18,7 +18,7 @@ from ._cfgs import mirror_cfgs
 from .official import checkpoint_filter_fn, pretrained_cfgs as official_cfgs
 from .subnet import make_stimulative
 
-__all__ = ['STIM_BASES', 'create_stimulative', 'list_stim_models', 'resolve_stim_name']
+__all__ = ['STIM_BASES', 'check_model_name', 'create_stimulative', 'list_stim_models', 'resolve_stim_name']
 
 # The base architectures that get a stim_ name, by family (the family's smallest first).
 STIM_BASES: Dict[str, List[str]] = {
@@ -86,13 +86,18 @@ def resolve_stim_name(name: str) -> str:
     return f'{stim}.{tag}' if tag else stim
 
 
+def check_model_name(name: str) -> str:
+    """``name`` if timm knows it (any timm model, a ``stim_*`` name, optionally ``.tag``), else a ValueError."""
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model '{name}' (neither a timm nor a stim_* model)")
+    return name
+
+
 def create_stimulative(name: str, required: bool = True, **kwargs) -> nn.Module:
     """``timm.create_model(name, **kwargs)`` made stimulative: a ``stim_*`` name as registered, any
     other timm model in place. ``required=False`` returns a model without residual stages plain
     (a baseline still trains); otherwise that is a ValueError naming the supported families."""
-    if not timm.is_model(name):
-        raise ValueError(f"unknown model '{name}' (neither a timm nor a stim_* model)")
-    model = timm.create_model(name, **kwargs)
+    model = timm.create_model(check_model_name(name), **kwargs)
     try:
         return make_stimulative(model)
     except ValueError:
