@@ -96,7 +96,8 @@ def summary_rows(run_dir: str) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def train(name: str, flags: Sequence[str], seed: int, data: str, runs: str, epochs: int) -> str:
+def train(name: str, flags: Sequence[str], seed: int, data: str, runs: str, epochs: int,
+          schedule: Sequence[str] = tuple(SCHEDULE)) -> str:
     """Train one (method, seed); skip if finished, resume if interrupted. Returns the run folder."""
     run_dir = os.path.join(runs, name)
     timing_path = os.path.join(run_dir, 'wall_clock.json')
@@ -104,7 +105,7 @@ def train(name: str, flags: Sequence[str], seed: int, data: str, runs: str, epoc
         return run_dir
     cmd = [sys.executable, os.path.join(REPO, 'train_stim.py'), data, '--train-split', 'train',
            '--val-split', 'holdout', '--epochs', str(epochs), '--seed', str(seed), '--output', runs,
-           '--experiment', name, *SCHEDULE, *flags]
+           '--experiment', name, *schedule, *flags]
     last = os.path.join(run_dir, 'last.pth.tar')
     if os.path.isfile(last):
         cmd += ['--resume', last]

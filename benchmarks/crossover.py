@@ -1,0 +1,184 @@
+"""When does stimulative training pay off? Full-network top-1 of plain training vs ST++ (and ST)
+against training length on a CIFAR-10 subset.
+
+    python benchmarks/crossover.py --data-dir /tmp/cifar10            # the grid (hours on 2 CPU cores)
+    python benchmarks/crossover.py --data-dir /tmp/cifar10 --report   # the table from what has finished
+
+Two recipes, as a user would run them:
+- ``default``: timm's train.py defaults (SGD, lr from ``--lr-base``, 5 warm-up epochs, label smoothing,
+  RandomResizedCrop 0.08-1, colour jitter), only ``--num-classes``/``--img-size``/``--epochs`` given;
+- ``tuned``: the CIFAR recipe of ``benchmarks/cifar10.py`` (SGD 0.1, wd 5e-4, crop 0.64-1 + flip).
+
+Every cell (recipe, method, epochs, seed) is one ``train_stim.py`` run of ``resnet20_cifar`` on
+200 training images per class; the last checkpoint is scored on the 10,000 test images. Cells run two
+at a time with one thread each, in the priority order of ``GRID`` (the comparisons the conclusion
+needs first). Resumable: finished cells are skipped, interrupted ones resume from ``last.pth.tar``,
+and each cell's score is cached in its run folder, so the grid can span sessions. At 30 epochs the
+sub-networks the stpp rule samples (and the smallest) are scored too, with the full network's BN
+statistics and with BN re-estimated per sub-network, so both measurements of loafing are reported.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cifar10 import REPO, SCHEDULE, count_images, prepare_data, summary_rows, train  # noqa: E402
+
+MEASURE = ['-j', '1', '--log-interval', '1000', '--stim-eval-subnets', '0', '--validation-batch-size', '500']
+RECIPES: Dict[str, List[str]] = {
+    'tuned': SCHEDULE,
+    'default': ['--model', 'resnet20_cifar', '--num-classes', '10', '--img-size', '32', *MEASURE],
+}
+METHODS: Dict[str, List[str]] = {
+    'baseline': [],
+    'stpp': ['--stim-pp'],
+    'st': ['--stim'],
+    # ST++ with the sub-network loss only from a quarter of the schedule on (plain CE before).
+    'stpp_late': ['--stim-pp', '--stim-start-epoch', '{quarter}'],
+}
+LENGTHS = (10, 30, 60, 120)
+Cell = Tuple[str, str, int, int]  # recipe, method, epochs, seed
+
+
+def grid() -> List[Cell]:
+    """All cells, most needed first: the tuned curve, its second seed at both ends, timm's defaults,
+    the late-start variant, then ST."""
+    cells: List[Cell] = []
+    cells += [('tuned', m, e, 0) for e in LENGTHS for m in ('baseline', 'stpp')]
+    cells += [('tuned', m, e, 1) for e in (10, 120) for m in ('baseline', 'stpp')]
+    cells += [('default', m, e, 0) for e in (10, 30, 60) for m in ('baseline', 'stpp')]
+    cells += [('tuned', 'stpp_late', e, 0) for e in LENGTHS]
+    cells += [('tuned', 'st', e, 0) for e in (10, 120)]
+    cells += [('default', m, e, 1) for e in (10, 60) for m in ('baseline', 'stpp')]
+    cells += [('tuned', 'stpp_late', e, 1) for e in (10, 120)]
+    cells += [('default', m, 120, 0) for m in ('baseline', 'stpp')]
+    return cells
+
+
+def cell_name(cell: Cell) -> str:
+    recipe, method, epochs, seed = cell
+    return f'{recipe}-{method}-e{epochs}-s{seed}'
+
+
+def method_flags(method: str, epochs: int) -> List[str]:
+    return [f.format(quarter=epochs // 4) for f in METHODS[method]]
+
+
+def score(cell: Cell, run_dir: str, data: str) -> dict:
+    """Test top-1 of the last checkpoint (cached); at 30 epochs also the stpp-rule panel, both BN modes."""
+    cache = os.path.join(run_dir, 'crossover_score.json')
+    if os.path.isfile(cache):
+        return json.load(open(cache))
+    from stim_timm import SubnetSampler
+    from stim_timm.analyze import analyze_checkpoints
+    ckpt = os.path.join(run_dir, 'last.pth.tar')
+    panel: List[Tuple[int, ...]] = []
+    if cell[2] == 30:
+        full = (3, 3, 3)
+        panel = [c for c in SubnetSampler(full, 'stpp').candidates() if c != full] + [(1, 1, 1)]
+    out = {}
+    for bn, batches in (('full-network', 0), ('recalibrated', 2)):
+        rows = analyze_checkpoints([ckpt], data, split='test', panel=panel, recalibrate_bn=batches,
+                                   batch_size=250, progress=False)
+        out['full'] = next(r['top1'] for r in rows if r['is_full'])
+        out[bn] = {'-'.join(map(str, r['depths'])): r['top1'] for r in rows if not r['is_full']}
+        if not panel:
+            break
+    rows = summary_rows(run_dir)
+    out['train_s_per_epoch'] = statistics.median(
+        count_images(os.path.join(data, 'train')) / float(r['train_img_per_sec']) for r in rows)
+    with open(cache, 'w') as f:
+        json.dump(out, f)
+    return out
+
+
+def run_cell(cell: Cell, data: str, runs: str) -> Tuple[Cell, dict]:
+    recipe, method, epochs, seed = cell
+    run_dir = train(cell_name(cell), method_flags(method, epochs), seed, data, runs, epochs,
+                    schedule=RECIPES[recipe])
+    return cell, score(cell, run_dir, data)
+
+
+def load_scores(runs: str) -> Dict[Cell, dict]:
+    done = {}
+    for cell in grid():
+        path = os.path.join(runs, cell_name(cell), 'crossover_score.json')
+        if os.path.isfile(path):
+            done[cell] = json.load(open(path))
+    return done
+
+
+def _fmt(values: Sequence[float]) -> str:
+    if not values:
+        return ''
+    if len(values) == 1:
+        return f'{values[0]:.2f}'
+    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})'
+
+
+def report(scores: Dict[Cell, dict], out_md: str, per_class: int) -> str:
+    lines = ['# When does stimulative training pay off? (CIFAR-10, ResNet-20)', '',
+             f'Produced by `python benchmarks/crossover.py --data-dir DIR`: `resnet20_cifar` trained by '
+             f'`train_stim.py` on {per_class} images per class ({per_class * 10:,} images), scored on the '
+             '10,000 test images with the last checkpoint; top-1 in %, mean ± std over seeds where '
+             'n > 1. Cells still missing are empty (the script resumes them).', '']
+    methods = [m for m in METHODS if any(c[1] == m for c in scores)]
+    for recipe in RECIPES:
+        rows = [(e, {m: [s['full'] for c, s in scores.items() if c[:3] == (recipe, m, e)] for m in methods})
+                for e in LENGTHS]
+        rows = [(e, r) for e, r in rows if any(r.values())]
+        if not rows:
+            continue
+        lines += [f'## Recipe `{recipe}`', '', '| epochs | ' + ' | '.join(methods) + ' | ST++ - baseline |',
+                  '|---|' + '---|' * (len(methods) + 1)]
+        for e, r in rows:
+            gap = ''
+            if r.get('baseline') and r.get('stpp'):
+                gap = f'{statistics.mean(r["stpp"]) - statistics.mean(r["baseline"]):+.2f}'
+            lines.append(f'| {e} | ' + ' | '.join(_fmt(r[m]) for m in methods) + f' | {gap} |')
+        lines.append('')
+    panel_cells = {c: s for c, s in scores.items() if s.get('recalibrated')}
+    if panel_cells:
+        lines += ['## Sub-networks at 30 epochs: full-network BN vs BN re-estimated per sub-network', '',
+                  'Mean top-1 of the proper sub-networks the stpp rule samples, and of the smallest (1-1-1); '
+                  'BN re-estimated on 2 batches of 250 training images with training transforms.', '',
+                  '| recipe | method | seed | full | stpp sub-nets, full BN | stpp sub-nets, own BN | '
+                  'smallest, full BN | smallest, own BN |', '|---|---|---|---|---|---|---|---|']
+        for c, s in sorted(panel_cells.items()):
+            def mean(bn):
+                return statistics.mean(v for k, v in s[bn].items() if k != '1-1-1')
+            lines.append(f'| {c[0]} | {c[1]} | {c[3]} | {s["full"]:.2f} | {mean("full-network"):.2f} | '
+                         f'{mean("recalibrated"):.2f} | {s["full-network"]["1-1-1"]:.2f} | '
+                         f'{s["recalibrated"]["1-1-1"]:.2f} |')
+        lines.append('')
+    text = '\n'.join(lines)
+    with open(out_md, 'w') as f:
+        f.write(text)
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--data-dir', required=True)
+    p.add_argument('--work-dir', default=os.path.join(REPO, 'output', 'bench_crossover'))
+    p.add_argument('--per-class', type=int, default=200)
+    p.add_argument('--parallel', type=int, default=2)
+    p.add_argument('--report', action='store_true', help='only write the table from finished cells')
+    p.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results', 'crossover.md'))
+    args = p.parse_args(argv)
+    data = prepare_data(args.data_dir, args.work_dir, args.per_class, holdout=100)
+    runs = os.path.join(args.work_dir, 'runs')
+    if not args.report:
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            for cell, s in pool.map(lambda c: run_cell(c, data, runs), grid()):
+                print(f'[crossover] {cell_name(cell)}: full {s["full"]:.2f}', flush=True)
+                report(load_scores(runs), args.out, args.per_class)
+    print(report(load_scores(runs), args.out, args.per_class))
+
+
+if __name__ == '__main__':
+    main()
