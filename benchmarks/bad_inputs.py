@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / 'tests')]
 from test_preflight import BASE, CASES  # noqa: E402
 
-from stim_timm.preflight import BadInput, preflight  # noqa: E402
-from stim_timm.train_args import builtin_defaults, parse_args  # noqa: E402
+from stim_timm.cli.preflight import BadInput, preflight  # noqa: E402
+from stim_timm.cli.train_args import builtin_defaults, parse_args  # noqa: E402
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ augmentation and seeds; only the stim flags differ. Runs go two at a time with o
 
 The script is resumable: a finished run (all epochs in its summary.csv) is skipped, an interrupted
 one resumes from its ``last.pth.tar``, so the protocol can span several sessions. When every run is
-done it evaluates the same sub-network panels on every checkpoint (``stim_timm.analyze``) and writes
+done it evaluates the same sub-network panels on every checkpoint (``stim_timm.cli.analyze``) and writes
 ``benchmarks/results/cifar10.md`` and the loafing plot of seed 0.
 
 No tuning on the test split: during training each epoch is validated on 100 held-out *training*
@@ -274,7 +274,7 @@ def ablation_report(results: Dict[str, Dict[int, dict]], out_md: str, eval_image
 def evaluate(run_dirs: Dict[Tuple[str, int], str], data: str, eval_split: str,
              max_images: Optional[int], sets: Optional[Dict[str, list]] = None) -> Tuple[dict, dict]:
     """Full network and panel accuracies per (name, seed) run, cached per run folder and eval set."""
-    from stim_timm.analyze import analyze_checkpoints
+    from stim_timm.cli.analyze import analyze_checkpoints
     sets = sets or panels((3, 3, 3))
     panel = list(dict.fromkeys(d for ds in sets.values() for d in ds))
     results: Dict[str, Dict[int, dict]] = {}
@@ -356,7 +356,7 @@ def main() -> None:
     if args.ablation:
         ablation_report(results, args.out, next(iter(rows_by_run.values()))[0]['images'], args)
         return
-    from stim_timm.analyze import plot_loafing
+    from stim_timm.eval.plot import plot_loafing
     plot_path = os.path.splitext(args.out)[0] + '_loafing.png'
     seed0 = [r for (m, s), rows in rows_by_run.items() if s == args.seeds[0] for r in rows]
     plot_loafing(seed0, plot_path, title=f'{MODEL} on CIFAR-10, seed {args.seeds[0]}')

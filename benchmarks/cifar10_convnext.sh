@@ -23,7 +23,7 @@ run() {  # name, flags...: skip a finished run, resume an interrupted one
 }
 for seed in 0 1; do
     run "baseline-s$seed" --seed "$seed" & run "stpp-s$seed" --seed "$seed" --stim-pp --stim-small-input 1.0 & wait
-    $py -m stim_timm.analyze "$work/runs/baseline-s$seed" "$work/runs/stpp-s$seed" --data-dir "$data" --split test \
+    $py -m stim_timm.cli.analyze "$work/runs/baseline-s$seed" "$work/runs/stpp-s$seed" --data-dir "$data" --split test \
         --subnets 12 --labels baseline ST++ --out "$work/analyze_s$seed" -b 250 -j 1 --no-progress \
         --title "ConvNeXt-atto (patch 2) on CIFAR-10, 30 epochs, seed $seed"
 done

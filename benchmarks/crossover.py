@@ -74,7 +74,7 @@ def score(cell: Cell, run_dir: str, data: str) -> dict:
     if os.path.isfile(cache):
         return json.load(open(cache))
     from stim_timm import SubnetSampler
-    from stim_timm.analyze import analyze_checkpoints
+    from stim_timm.cli.analyze import analyze_checkpoints
     ckpt = os.path.join(run_dir, 'last.pth.tar')
     panel: List[Tuple[int, ...]] = []
     if cell[2] == 30:

@@ -15,7 +15,7 @@ import timm
 import torch
 
 import stim_timm
-from stim_timm.flops import relative_flops, subnet_flops
+from stim_timm.eval.flops import relative_flops, subnet_flops
 
 DEFAULT_DEPTHS = ['3,4,6,3', '3,3,4,3', '2,2,3,2', '1,1,1,1']
 

@@ -33,7 +33,7 @@ do not.
 
 Memory (one process per row, run one after another): peak RSS (``ru_maxrss``) of a fresh process
 that builds the row and runs warm-up + timed steps, with glibc's mmap threshold pinned as
-``train_stim.py`` does on CPU (``stim_timm.memory.pin_mmap_threshold``) and, for comparison, with
+``train_stim.py`` does on CPU (``stim_timm.run.memory.pin_mmap_threshold``) and, for comparison, with
 glibc's default dynamic threshold. Ratios are against plain CE under the same allocator setting.
 """
 import argparse
@@ -200,7 +200,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 def child_main(args) -> None:
     torch.set_num_threads(args.threads)
     if args.pin_mmap:
-        from stim_timm.memory import pin_mmap_threshold
+        from stim_timm.run.memory import pin_mmap_threshold
         pin_mmap_threshold()
     if args.child == 'time':
         res = time_rows(args.model, args.rows, args.size, args.batch, args.steps, args.warmup, args.rate_reps)

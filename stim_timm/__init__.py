@@ -8,16 +8,20 @@ becomes stimulative in place::
     with model.subnet((3, 3, 3, 3)):
         y = model(x)
     convnext = stim_timm.make_stimulative(timm.create_model('convnext_atto'))
-"""
-from .export import export_subnet
-from .inputs import SmallInput
-from .losses import kl, kl_minus, normalize_logits
-from .models import (
-    STIM_BASES, SUPPORTED_FAMILIES, CifarResNet, compile_stimulative, create_stimulative, frozen_bn_stats, get_stim_model, is_stim_model,
-    list_stim_models, make_stimulative, resolve_stim_name,
-)
-from .models.official import official_probs
-from .sampling import SubnetSampler
-from .task import StimTask
 
-__version__ = '0.1.0'
+Layers (each imports only those before it): ``models`` (the sub-network mechanism and registrations)
+<- ``method`` (sampling, presets, losses, small inputs, the training task) <- ``eval`` (evaluation, BN
+re-estimation, FLOPs, plot) <- ``run`` (run folder, checkpoints, training loop) <- ``publish`` (export,
+model cards, hub, conversion) <- ``cli`` (the commands).
+"""
+from ._version import __version__
+from .method.inputs import SmallInput
+from .method.losses import kl, kl_minus, normalize_logits, official_probs
+from .method.sampling import SubnetSampler
+from .method.task import StimTask
+from .models import (
+    STIM_BASES, SUPPORTED_FAMILIES, CifarResNet, compile_stimulative, create_stimulative, format_depths,
+    get_stim_model, is_stim_model, keep_bn_stats, list_stim_models, make_stimulative, parse_depths,
+    resolve_stim_name,
+)
+from .publish.export import export_subnet

@@ -14,10 +14,14 @@ import yaml
 from timm.data import create_transform, resolve_data_config
 from torchvision.datasets import ImageFolder
 
-from stim_timm.analyze import analyze_checkpoints, default_panel, evaluate_subnets, main, parse_panel
-from stim_timm.checkpoint import atomic_save_safetensors
-from stim_timm.export import export_subnet
-from stim_timm.flops import count_flops, relative_flops, subnet_flops
+from stim_timm.cli.analyze import analyze_checkpoints, main
+
+from stim_timm.method.sampling import default_panel, parse_panel
+
+from stim_timm.eval.evaluate import evaluate_subnets
+from stim_timm.run.checkpoint import atomic_save_safetensors
+from stim_timm.publish.export import export_subnet
+from stim_timm.eval.flops import count_flops, relative_flops, subnet_flops
 
 
 def _sha(path) -> str:
@@ -190,7 +194,7 @@ def test_cli_bare_weights_vit_with_model(tmp_path, mini_data):
 
 def test_cli_progress_bar_on_stderr(runs, mini_data, tmp_path):
     (base, _), _ = runs
-    res = subprocess.run([sys.executable, '-m', 'stim_timm.analyze', base, '--data-dir', mini_data, '--subnets', '1',
+    res = subprocess.run([sys.executable, '-m', 'stim_timm.cli.analyze', base, '--data-dir', mini_data, '--subnets', '1',
                           '--max-images', '16', '-b', '8', '-j', '0', '--out', str(tmp_path / 'o')],
                          capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert res.returncode == 0, res.stderr

@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 
 import stim_timm  # noqa: F401 (registers the stim models)
-from stim_timm.bn import bn_layers, bn_state, reestimate_bn, subnet_bn
-from stim_timm.engine import LoopConfig, calibration_batches, validate_subnets
+from stim_timm.eval.bn import bn_layers, bn_state, reestimate_bn, subnet_bn
+from stim_timm.run.engine import LoopConfig, calibration_batches, validate_subnets
 
 
 def model_and_batches():
@@ -59,7 +59,7 @@ def test_validate_subnets_with_reestimated_bn_restores_the_statistics():
 
 
 def test_subnet_eval_interval_keeps_a_tenth_of_the_training_cost():
-    from stim_timm.engine import subnet_eval_interval
+    from stim_timm.run.engine import subnet_eval_interval
     # ImageNet: 5 sub-networks x (256 + 50,000) forwards < 10% of 3 x 1.28M: every epoch.
     assert subnet_eval_interval(1_281_167, 50_000, 5, 256) == 1
     # A 5,000-image CIFAR subset with 1,000 test images: 5 x 1,256 = 6,280 forwards, 1,500 a tenth.

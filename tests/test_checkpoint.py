@@ -8,7 +8,7 @@ import torch
 import yaml
 
 import stim_timm  # noqa: F401  (registers the stim models)
-from stim_timm.checkpoint import (
+from stim_timm.run.checkpoint import (
     CheckpointError, atomic_save_safetensors, atomic_torch_save, load_trained_model, resolve_weights,
 )
 

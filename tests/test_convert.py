@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import stim_timm
-from stim_timm.convert import main
+from stim_timm.cli.convert import main
 from stim_timm.models import official
 from stim_timm.models.official import (
-    OfficialCheckpointError, Release, checkpoint_filter_fn, expects_normalized_logits, official_probs,
-    official_stage_depths, official_state_dict, official_to_timm,
+    OfficialCheckpointError, Release, checkpoint_filter_fn, expects_normalized_logits, official_stage_depths, official_state_dict, official_to_timm,
 )
+from stim_timm.method.losses import official_probs
 
 KEYS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'official_resnet50_keys.json')
 STATS = ('running_mean', 'running_var', 'num_batches_tracked')
@@ -377,7 +377,7 @@ def test_bad_inputs_one_line_exit_2_nothing_written(ckpt, resnet101, keys, tmp_p
 
 
 def test_cli_subprocess_exit_code(tmp_path):
-    res = subprocess.run([sys.executable, '-m', 'stim_timm.convert', str(tmp_path / 'nope.pth.tar'),
+    res = subprocess.run([sys.executable, '-m', 'stim_timm.cli.convert', str(tmp_path / 'nope.pth.tar'),
                           str(tmp_path / 'o')], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr == f"error: {tmp_path / 'nope.pth.tar'}: no such file\n"
 

@@ -14,8 +14,9 @@ from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 
 import stim_timm
-from stim_timm.checkpoint import atomic_save_safetensors
-from stim_timm.export import export_subnet, main, needs_plugin, plain_architecture
+from stim_timm.run.checkpoint import atomic_save_safetensors
+from stim_timm.publish.export import export_subnet, needs_plugin, plain_architecture
+from stim_timm.cli.export import main
 
 
 def _perturb_bn(model: nn.Module) -> nn.Module:
@@ -180,7 +181,7 @@ def test_export_cli_errors_are_one_line(tmp_path, capsys, case):
 
 
 def test_export_cli_subprocess_exit_code(tmp_path):
-    res = subprocess.run([sys.executable, '-m', 'stim_timm.export', str(tmp_path / 'missing'), '--depths', '1,1,1',
+    res = subprocess.run([sys.executable, '-m', 'stim_timm.cli.export', str(tmp_path / 'missing'), '--depths', '1,1,1',
                           '--out', str(tmp_path / 'o')], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count('\n') == 1 and 'Traceback' not in res.stderr
 

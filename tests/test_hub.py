@@ -17,8 +17,9 @@ import torch.nn as nn
 import yaml
 from safetensors.torch import load_file
 
-from stim_timm.checkpoint import atomic_save_safetensors
-from stim_timm.hub import HubError, build_hub_folder, main, push_checkpoint
+from stim_timm.run.checkpoint import atomic_save_safetensors
+from stim_timm.publish.hub import HubError, build_hub_folder, push_checkpoint
+from stim_timm.cli.push import main
 
 TOKEN = 'hf_testSECRETtoken0123456789'
 SUMMARY = ('epoch,train_loss,train_kl_loss,lr,eval_loss,eval_top1,eval_top5,subnet_4_top1,'
@@ -216,7 +217,7 @@ def test_cifar_resnet_folder_names_the_plugin_architecture(tmp_path):
 
 
 def test_card_prefers_a_saved_analysis(tmp_path):
-    from stim_timm.analyze import write_results
+    from stim_timm.cli.analyze import write_results
     run, _ = _make_run(tmp_path / 'r20', 'stim_resnet20_cifar', pth=False)
     path = os.path.join(os.path.abspath(run), 'model.safetensors')
     rows = [dict(checkpoint='r20', model='stim_resnet20_cifar', depths=d, blocks_kept=sum(d), total_blocks=9,
@@ -225,7 +226,7 @@ def test_card_prefers_a_saved_analysis(tmp_path):
             for d, f, t1 in (([3, 3, 3], 1.0, 91.5), ([2, 1, 2], 0.6, 88.25), ([1, 1, 1], 0.3, 80.0))]
     write_results(rows, os.path.join(run, 'analysis'))
     card = open(os.path.join(build_hub_folder(run, str(tmp_path / 'f')), 'README.md')).read()
-    assert 'stim_timm.analyze' in card and '| 2-1-2 | 5 | 0.600 | 88.25 | 99.00 |' in card
+    assert 'stim_timm.cli.analyze' in card and '| 2-1-2 | 5 | 0.600 | 88.25 | 99.00 |' in card
 
 
 # ------------------------------------------------------------------------------------------ the upload
@@ -344,7 +345,7 @@ def test_cli_push_and_build(vit_run, token, monkeypatch, capsys, tmp_path):
 
 
 def test_recipe_resolves_train_stim_defaults():
-    from stim_timm.hub import _recipe
+    from stim_timm.publish.hub import _recipe
     assert dict(_recipe(dict(stim=False, stim_pp=False, epochs=3))) == {
         'Training': 'baseline (no stimulative training)'}
     pp = dict(_recipe(dict(stim_pp=True, stim_rule=None, stim_subnets=None, stim_small_input=None)))

@@ -9,7 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 import stim_timm
-from stim_timm.models import resolve_stim_name
+from stim_timm.models.registry import resolve_stim_name
 
 STIM_NAMES = [f'stim_{b}' for family in stim_timm.STIM_BASES.values() for b in family]
 EXPECTED_DEPTHS = {

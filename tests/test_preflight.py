@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import stim_timm  # noqa: F401 (registers the stim models)
-from stim_timm import preflight as pf
-from stim_timm.preflight import BadInput, preflight
-from stim_timm.train_args import builtin_defaults, parse_args
+from stim_timm.cli import preflight as pf
+from stim_timm.cli.preflight import BadInput, preflight
+from stim_timm.cli.train_args import builtin_defaults, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / 'data' / 'cifar10-mini'

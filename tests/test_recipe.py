@@ -8,13 +8,13 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from stim_timm.preflight import preflight
-from stim_timm.train_args import builtin_defaults, parse_args
-from stim_timm.transforms import Lighting, add_lighting
+from stim_timm.cli.preflight import preflight
+from stim_timm.cli.train_args import builtin_defaults, parse_args
+from stim_timm.run.transforms import Lighting, add_lighting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # train_stim.py is a script at the repository root
-import train_stim  # noqa: E402
+from stim_timm.cli import train as train_stim  # noqa: E402
 RECIPE = os.path.join(REPO, 'hparams', 'resnet50_stpp_in1k.yaml')
 
 

@@ -8,7 +8,7 @@ import timm
 
 import stim_timm
 from stim_timm import SubnetSampler
-from stim_timm.sampling import rule_max_drops
+from stim_timm.method.sampling import rule_max_drops
 
 
 def test_stpp_equals_original_space3_for_resnet50():
@@ -91,7 +91,7 @@ def test_sample_is_pure_in_seed_step_index():
 
 def test_same_draws_in_another_process():
     """What a DDP rank on another process draws: independent of hash randomisation."""
-    code = ('from stim_timm.sampling import SubnetSampler as S;'
+    code = ('from stim_timm.method.sampling import SubnetSampler as S;'
             'print([S((3,4,6,3),"uniform",seed=3).sample(s, k) for s in range(5) for k in range(2)])')
     outs = {subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                            env={'PYTHONHASHSEED': str(h), 'PATH': ''}).stdout for h in (1, 2)}

@@ -29,7 +29,7 @@ def test_quick_table(tmp_path):
 
 
 def test_pin_mmap_threshold_respects_the_users_setting():
-    code = 'from stim_timm.memory import pin_mmap_threshold; print(pin_mmap_threshold())'
+    code = 'from stim_timm.run.memory import pin_mmap_threshold; print(pin_mmap_threshold())'
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop('MALLOC_MMAP_THRESHOLD_', None)
     on = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True)

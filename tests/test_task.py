@@ -16,7 +16,7 @@ from timm.utils import NativeScaler
 
 import stim_timm
 from stim_timm import StimTask, kl, kl_minus, normalize_logits
-from stim_timm.engine import LoopConfig, train_one_epoch
+from stim_timm.run.engine import LoopConfig, train_one_epoch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -407,12 +407,12 @@ def test_wrapped_task_owns_its_loss():
 
 
 def test_warns_when_nobody_advances_the_step(caplog, monkeypatch):
-    import stim_timm.task
-    monkeypatch.setattr(stim_timm.task, '_STALE_STEP_CALLS', 3)
+    import stim_timm.method.task
+    monkeypatch.setattr(stim_timm.method.task, '_STALE_STEP_CALLS', 3)
     task = StimTask(tiny_model(), nn.CrossEntropyLoss(), verbose=False)
     task.train()
     x, y = batch(2, side=8)
-    with caplog.at_level('WARNING', logger='stim_timm.task'):
+    with caplog.at_level('WARNING', logger='stim_timm.method.task'):
         for _ in range(3):
             task(x, y)
         assert 'the same sub-networks' not in caplog.text

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from stim_timm.train_args import REFUSED, build_parser, parse_args
+from stim_timm.cli.train_args import REFUSED, build_parser, parse_args
 
 SNAPSHOT = Path(__file__).resolve().parent / 'data' / 'timm_train_flags.txt'
 # Defaults that differ from timm's on purpose.

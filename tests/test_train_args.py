@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stim_timm.train_args import args_to_yaml, parse_args, stim_enabled, stim_options
+from stim_timm.cli.train_args import args_to_yaml, parse_args, stim_enabled, stim_options
 
 HPARAMS = sorted((Path(__file__).resolve().parents[1] / 'hparams').glob('*.yaml'))
 

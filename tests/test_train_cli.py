@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from stim_timm.checkpoint import read_torch_checkpoint, resolve_weights
+from stim_timm.run.checkpoint import read_torch_checkpoint, resolve_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / 'train_stim.py')

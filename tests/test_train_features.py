@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence
 import pytest
 import torch
 
-from stim_timm.checkpoint import read_torch_checkpoint
+from stim_timm.run.checkpoint import read_torch_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'tests'))
@@ -180,7 +180,7 @@ def test_non_finite_loss_stops_with_one_line(data, tmp_path):
 def test_type_error_from_our_code_keeps_its_traceback(monkeypatch, data, tmp_path):
     """A TypeError is a bug, not bad input: it propagates instead of becoming an 'error:' line."""
     sys.path.insert(0, str(REPO))
-    import train_stim
+    from stim_timm.cli import train as train_stim
 
     def broken(args, pre):
         raise TypeError('bug')

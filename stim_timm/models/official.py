@@ -22,12 +22,10 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..losses import normalize_logits
-
 __all__ = ['OfficialCheckpointError', 'Release', 'RELEASES', 'OFFICIAL_REPO', 'STAGE_DEPTHS', 'LOGIT_NORM_NOTE',
            'official_state_dict', 'is_official', 'official_stage_depths', 'official_depth', 'official_to_timm',
            'checkpoint_filter_fn', 'release_cfg', 'pretrained_cfgs', 'find_release', 'identify_release', 'git_blob_id',
-           'expects_normalized_logits', 'official_probs']
+           'expects_normalized_logits']
 
 OFFICIAL_REPO = 'https://github.com/Sunshine-Ye/NIPS22-ST'
 PAPER_IDS = 'arXiv:2305.02507'
@@ -239,12 +237,3 @@ def expects_normalized_logits(pretrained_cfg: Optional[Mapping[str, Any]]) -> bo
     """Whether weights with this pretrained cfg need ``official_probs`` for calibrated probabilities."""
     notes = (pretrained_cfg or {}).get('notes') or ()
     return any(str(n).startswith('logit_norm: layer_norm') for n in notes)
-
-
-def official_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities as the authors' training defined them: ``softmax(layer_norm(logits))``.
-
-    Their cross-entropy saw layer-normalised logits only, so the raw logits' scale is arbitrary: their
-    log's raw-logit val loss is 6.24 (uniform: ln 1000 = 6.91) at 80.5% top-1. The argmax is the same.
-    """
-    return normalize_logits(logits).softmax(dim=-1)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 __all__ = [
-    'make_stimulative', 'is_stim_model', 'get_stim_model', 'validate_depths', 'frozen_bn_stats',
+    'make_stimulative', 'is_stim_model', 'get_stim_model', 'validate_depths', 'keep_bn_stats',
     'compile_stimulative', 'find_stages', 'SUPPORTED_FAMILIES',
 ]
 
@@ -318,7 +318,7 @@ def compile_stimulative(model: nn.Module, **compile_kwargs) -> nn.Module:
 
 
 @contextmanager
-def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+def keep_bn_stats(model: nn.Module) -> Iterator[None]:
     """Normalise with batch statistics but leave BN running statistics untouched.
 
     Sub-network passes must not drift the full network's running mean/var. With
@@ -333,3 +333,19 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for m in bns:
             m.track_running_stats = True
+
+
+def format_depths(depths: Sequence[int]) -> str:
+    """``(3, 4, 6, 3)`` -> ``'3-4-6-3'``: how depths appear in file names, CSV columns and logs."""
+    return '-'.join(str(int(d)) for d in depths)
+
+
+def parse_depths(text: str) -> Tuple[int, ...]:
+    """``'3,4,6,3'`` or ``'3-4-6-3'`` -> ``(3, 4, 6, 3)``; ValueError naming the text."""
+    try:
+        depths = tuple(int(v) for v in str(text).replace('-', ',').replace(' ', '').split(',') if v != '')
+    except ValueError:
+        raise ValueError(f"depths '{text}' are not block counts per stage such as 3,4,6,3") from None
+    if not depths:
+        raise ValueError(f"depths '{text}' name no stage")
+    return depths

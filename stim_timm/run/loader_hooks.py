@@ -3,10 +3,12 @@
 
 When the training loop asks for the first micro-batch of update ``u``, update ``u - 1`` is complete
 (optimizer step, EMA, LR step): that is where a recovery checkpoint is taken, so the loop itself
-(``stim_timm/engine.py``) stays timm's.
+(``stim_timm/run/engine.py``) stays timm's.
 """
 import os
 from typing import Any, Callable, Iterator, Optional
+
+import torchvision
 
 __all__ = ['HookedLoader', 'recovery_hook', 'save_images_hook']
 
@@ -49,7 +51,6 @@ def save_images_hook(output_dir: str, accum_steps: int, log_interval: int) -> Ca
     """The first batch of every logged update as ``train-batch-<i>.jpg`` (normalised for viewing)."""
     def hook(batch_idx: int, input) -> None:
         if batch_idx % accum_steps == 0 and (batch_idx // accum_steps) % log_interval == 0:
-            import torchvision
             torchvision.utils.save_image(input.float(), os.path.join(output_dir, f'train-batch-{batch_idx}.jpg'),
                                          padding=0, normalize=True)
     return hook

@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm import utils
 
-from .bn import subnet_bn
-from .models import get_stim_model
-from .task import StimTask
+from ..eval.bn import subnet_bn
+from ..models import get_stim_model
+from ..method.task import StimTask
 
 __all__ = ['LoopConfig', 'train_one_epoch', 'validate', 'validate_subnets', 'subnet_column',
            'calibration_batches', 'subnet_eval_interval']
@@ -241,7 +241,7 @@ def subnet_eval_interval(num_train: int, num_eval: int, panel_size: int, calib_i
 def validate_subnets(model: nn.Module, loader, cfg: LoopConfig, panel: List[Sequence[int]],
                      calib_batches: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, float]:
     """Top-1 of each panel sub-network. With ``calib_batches`` (training images) each sub-network is
-    normalised with its own re-estimated BN statistics (``stim_timm.bn``), else with the full
+    normalised with its own re-estimated BN statistics (``stim_timm.eval.bn``), else with the full
     network's; the model's own statistics are restored after each."""
     stim = get_stim_model(model)
     out = {}

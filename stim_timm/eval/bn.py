@@ -1,7 +1,7 @@
 """BatchNorm statistics of one sub-network, re-estimated on training images.
 
 The running statistics a model carries were collected by full-network passes (sub-network passes
-never touch them, ``frozen_bn_stats``). A shallower sub-network's activations have other statistics,
+never touch them, ``keep_bn_stats``). A shallower sub-network's activations have other statistics,
 so evaluating it with the full network's understates it; the ST/ST++ code re-estimates BN before
 measuring. ``reestimate_bn`` does it as they do: every BN layer's running mean and variance become
 the averages, over the given batches, of the per-batch mean and *biased* variance (what BN normalises
@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .models.subnet import get_stim_model
+from ..models.subnet import get_stim_model
 
 __all__ = ['bn_layers', 'bn_state', 'load_bn_state', 'reestimate_bn', 'subnet_bn']
 

@@ -1,9 +1,5 @@
 """The ST/ST++ authors' ImageNet checkpoint -> a timm hub folder that plain timm loads.
 
-CLI::
-
-    python -m stim_timm.convert SRC OUT_DIR [--model NAME] [--push-to-hub REPO_ID]
-
 SRC is their ``.pth.tar`` (or a bare state_dict, with or without ``module.``), read with
 ``weights_only=True`` only. The keys are renamed (``stim_timm.models.official``), the depth is read
 from them and checked against ``--model`` (``stim_resnet50``, ``resnet101``, ``stim_resnet50.stpp_ua_in1k``
@@ -13,25 +9,23 @@ plugin) + a model card. Which release a file is comes from ``--model NAME.TAG`` 
 the released file, from its bytes (git blob id). Everything is checked before OUT_DIR is touched: bad
 input is one line and exit code 2, with nothing written.
 """
-import argparse
 import os
-import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import timm
 import torch
 import torch.nn as nn
 from timm.models import save_for_hf
 
-from .checkpoint import CheckpointError, read_torch_checkpoint
-from .hub import HubError, retarget_card, upload_folder, validate_hub_repo_id
-from .models.official import (
-    OFFICIAL_REPO, PAPER_IDS, STAGE_DEPTHS, OfficialCheckpointError, Release, find_release, identify_release,
+from ..run.checkpoint import read_torch_checkpoint
+from .hub import retarget_card, upload_folder, validate_hub_repo_id
+from ..models.official import (
+    OFFICIAL_REPO, PAPER_IDS, STAGE_DEPTHS, Release, find_release, identify_release,
     is_official, official_depth, official_state_dict, official_to_timm, release_cfg,
 )
 
-__all__ = ['ConvertError', 'Converted', 'load_official', 'convert', 'main']
+__all__ = ['ConvertError', 'Converted', 'load_official', 'convert']
 
 
 class ConvertError(ValueError):
@@ -164,33 +158,3 @@ def convert(src: str, out_dir: str, model_name: Optional[str] = None,
                                      f'authors\' {os.path.basename(src)} (stim-timm)',
                                      on_repo_id=lambda resolved: retarget_card(out_dir, repo_id, resolved))
     return c
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m stim_timm.convert',
-                                     description="Convert the ST/ST++ authors' ImageNet checkpoint to a timm folder.")
-    parser.add_argument('src', help="their .pth.tar (or a bare state_dict), e.g. model_best.pth.tar")
-    parser.add_argument('out_dir', help='folder for model.safetensors, config.json, README.md')
-    parser.add_argument('--model', default=None,
-                        help='stim_resnet50 / stim_resnet101 / stim_resnet152, optionally with the release tag '
-                             '(stim_resnet50.stpp_in1k); default: the depth read from the keys')
-    parser.add_argument('--push-to-hub', default=None, metavar='REPO_ID', help='then upload OUT_DIR to ORG/NAME')
-    args = parser.parse_args(argv)
-    try:
-        c = convert(args.src, args.out_dir, args.model, args.push_to_hub)
-    except (ConvertError, OfficialCheckpointError, CheckpointError, HubError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    depths = '-'.join(map(str, STAGE_DEPTHS[c.depth]))
-    print(f'{args.src}: official ResNet-{c.depth} (blocks per stage {depths}), '
-          f'{len(c.model.state_dict())} tensors -> timm {c.arch}')
-    print(f"release: {c.release.tag if c.release else 'none'}, {c.how}")
-    print(f'wrote model.safetensors, config.json, README.md to {args.out_dir}')
-    print(f"load with plain timm: timm.create_model('local-dir:{args.out_dir}', pretrained=True)")
-    if args.push_to_hub:
-        print(f'pushed to {c.commit_url}')
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

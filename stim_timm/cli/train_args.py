@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
-from .inputs import PAPER_MIN_SCALE, check_min_scale
+from ..method.inputs import PAPER_MIN_SCALE, check_min_scale
 
 __all__ = ['build_parser', 'parse_args', 'stim_options', 'stim_enabled', 'args_to_yaml', 'REFUSED', 'refused_reason',
            'builtin_defaults', 'config_value_error']

@@ -11,6 +11,7 @@ import csv
 import glob
 import os
 import random
+import shutil
 import tempfile
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -103,7 +104,6 @@ class StimCheckpointSaver(CheckpointSaver):
             try:
                 os.link(src, tmp)
             except OSError:
-                import shutil
                 shutil.copy2(src, tmp)
             os.replace(tmp, dst)
         finally:

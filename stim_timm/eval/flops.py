@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.subnet import get_stim_model
+from ..models.subnet import get_stim_model
 
 __all__ = ['count_flops', 'subnet_flops', 'relative_flops', 'clear_flops_cache']
 

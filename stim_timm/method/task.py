@@ -37,7 +37,7 @@ from timm.task import ClassificationTask, TrainingTask
 
 from .inputs import SmallInput
 from .losses import kl, kl_minus, normalize_logits
-from .models.subnet import frozen_bn_stats, get_stim_model
+from ..models.subnet import keep_bn_stats, get_stim_model
 from .sampling import SubnetSampler
 
 __all__ = ['StimTask', 'BackwardFn']
@@ -200,7 +200,7 @@ class StimTask(TrainingTask):
             x = self.small_input(input, self.step, k) if self.small_input is not None else input
             last = k == self.num_subnets - 1
             synced = stepwise and last
-            with stim.subnet(depths), frozen_bn_stats(stim), (nullcontext() if synced else self.no_sync()):
+            with stim.subnet(depths), keep_bn_stats(stim), (nullcontext() if synced else self.no_sync()):
                 term = self.weight * self.subnet_loss(model(x), teacher)
                 kl_sum = kl_sum + term.detach()
                 if synced and self._is_distributed():

@@ -5,32 +5,33 @@ names the base (``resnet50``) and anyone can load the weights with
 ``timm.create_model('hf-hub:ORG/NAME', pretrained=True)``, no plugin needed. The folder is written
 by timm's ``save_for_hf`` (``model.safetensors`` + ``config.json``) plus our ``README.md`` model card
 (the ST recipe, the full network's accuracy, the sub-network table and plot). The CIFAR ResNets
-have no plain timm twin (see ``stim_timm.export``): their config names ``stim_resnet*_cifar`` and
+have no plain timm twin (see ``stim_timm.publish.export``): their config names ``stim_resnet*_cifar`` and
 the card says to ``import stim_timm`` first.
 
 ``build_hub_folder`` writes exactly what ``push_checkpoint`` uploads. The token comes from
 huggingface_hub's usual sources (``HF_TOKEN``, the login cache) and is never printed. Every
 failure is one ``HubError`` line; the local checkpoint is only ever read.
-
-CLI::
-
-    python -m stim_timm.hub push CHECKPOINT REPO_ID [--private] [--revision R] [--commit-message M]
-    python -m stim_timm.hub build CHECKPOINT OUT_DIR      # the same folder, not uploaded
 """
-import argparse
 import csv
 import json
 import os
-import sys
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, TrainedWeights, load_trained_model
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-__all__ = ['HubError', 'build_hub_folder', 'push_checkpoint', 'upload_folder', 'validate_hub_repo_id', 'retarget_card',
-           'main']
+from .._version import __version__
+from ..eval.flops import subnet_flops
+from ..eval.plot import plot_loafing
+from ..method.inputs import PAPER_MIN_SCALE
+from ..models.subnet import validate_depths
+from ..run.checkpoint import CheckpointError, TrainedWeights, load_trained_model, run_data_config
+from .export import export_subnet, needs_plugin, plain_architecture, save_plain_model
+
+__all__ = ['HubError', 'build_hub_folder', 'push_checkpoint', 'upload_folder', 'validate_hub_repo_id', 'retarget_card']
 
 
 class HubError(ValueError):
@@ -46,7 +47,6 @@ def _one_line(e: BaseException, secret: Optional[str] = None) -> str:
 
 def validate_hub_repo_id(repo_id: str) -> str:
     """huggingface_hub's own repo-id rules, checked before any network call."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
@@ -55,7 +55,6 @@ def validate_hub_repo_id(repo_id: str) -> str:
 
 
 def _hub_token() -> str:
-    from huggingface_hub import get_token
     try:
         token = get_token()
     except Exception as e:  # e.g. a failed OIDC exchange when HF_OIDC_RESOURCE is set
@@ -74,8 +73,6 @@ def upload_folder(folder: str, repo_id: str, private: bool = False, revision: Op
     """
     validate_hub_repo_id(repo_id)
     token = _hub_token()
-    from huggingface_hub import HfApi
-    from . import __version__
     api = HfApi(token=token, library_name='stim-timm', library_version=__version__)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
@@ -144,7 +141,7 @@ def _summary_row(rows: List[Dict[str, str]], weights: TrainedWeights) -> Tuple[O
 
 
 def _analysis_rows(folder: Optional[str], weights: TrainedWeights) -> List[Dict[str, Any]]:
-    """Rows of a ``python -m stim_timm.analyze`` result saved in the run folder, for these weights."""
+    """Rows of a ``stim-analyze`` result saved in the run folder, for these weights."""
     if not folder:
         return []
     for sub in ('', 'analysis', 'analyze'):
@@ -165,8 +162,6 @@ def _analysis_rows(folder: Optional[str], weights: TrainedWeights) -> List[Dict[
 def _summary_subnet_rows(row: Optional[Dict[str, str]], model: nn.Module, input_size: Sequence[int],
                          label: str) -> List[Dict[str, Any]]:
     """Sub-network accuracies that training logged in summary.csv (``subnet_3-3-4-3_top1``)."""
-    from .flops import subnet_flops
-    from .models.subnet import validate_depths
     if not row:
         return []
     full = tuple(model.stage_depths)
@@ -191,7 +186,6 @@ def _summary_subnet_rows(row: Optional[Dict[str, str]], model: nn.Module, input_
 def _recipe(args: Dict[str, Any]) -> List[Tuple[str, Any]]:
     """The ST recipe as train_stim.py resolves its flags (--stim-pp implies the stpp rule, KL- and
     small inputs at the paper's scale; k defaults to 1)."""
-    from .inputs import PAPER_MIN_SCALE
     pp = bool(args.get('stim_pp'))
     on = bool(args.get('stim') or args.get('stim_kl_minus') or pp or (args.get('stim_subnets') or 0) > 0)
     if not on:
@@ -277,8 +271,6 @@ def build_hub_folder(checkpoint: str, out_dir: str, repo_id: Optional[str] = Non
 
     Returns ``out_dir``. Raises HubError for an unreadable checkpoint; the checkpoint is only read.
     """
-    from .analyze import _has_matplotlib, plot_loafing
-    from .export import export_subnet, needs_plugin, plain_architecture, run_data_config, save_plain_model
     try:
         model, weights = load_trained_model(checkpoint)
     except CheckpointError as e:
@@ -292,11 +284,11 @@ def build_hub_folder(checkpoint: str, out_dir: str, repo_id: Optional[str] = Non
     folder = _run_folder(checkpoint, weights)
     summary, how = _summary_row(_read_summary(folder), weights)
     label = os.path.basename(folder) if folder else os.path.basename(weights.path)
-    rows, source = _analysis_rows(folder, weights), '`python -m stim_timm.analyze` (subnets.json in the run folder)'
+    rows, source = _analysis_rows(folder, weights), '`stim-analyze` (subnets.json in the run folder)'
     if not rows:
         rows = _summary_subnet_rows(summary, model, data_config['input_size'], label)
         source = f"the training run's evaluation (summary.csv, epoch {summary.get('epoch', '?')})" if rows else ''
-    has_plot = len(rows) > 1 and _has_matplotlib()
+    has_plot = len(rows) > 1
     if has_plot:
         plot_loafing(rows, os.path.join(out_dir, 'loafing.png'), title=f'{arch}: sub-network top-1 vs. cost')
     card = _card(repo_id or 'REPO_ID', arch, weights.model, plugin, weights, model, data_config, summary, how,
@@ -322,39 +314,3 @@ def push_checkpoint(checkpoint: str, repo_id: str, private: bool = False, revisi
                              commit_message=commit_message or f'Add {os.path.basename(checkpoint.rstrip(os.sep))} '
                                                               f'(stim-timm)',
                              on_repo_id=lambda resolved: retarget_card(tmp, repo_id, resolved))
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m stim_timm.hub',
-                                     description='Publish stim-timm checkpoints to the Hugging Face Hub.')
-    sub = parser.add_subparsers(dest='command', required=True)
-    push = sub.add_parser('push', help='upload a checkpoint (token from HF_TOKEN or `hf auth login`)')
-    push.add_argument('checkpoint', help='train_stim.py output folder, .pth(.tar) or .safetensors')
-    push.add_argument('repo_id', help='ORG/NAME')
-    push.add_argument('--private', action='store_true', help='create the repo private')
-    push.add_argument('--revision', default=None, help='branch to push to (created if missing)')
-    push.add_argument('--commit-message', default=None)
-    build = sub.add_parser('build', help='write the folder that push would upload, without uploading')
-    build.add_argument('checkpoint')
-    build.add_argument('out_dir')
-    build.add_argument('--repo-id', default=None, help='repo id used in the card usage lines')
-    args = parser.parse_args(argv)
-    try:
-        if args.command == 'push':
-            url = push_checkpoint(args.checkpoint, args.repo_id, args.private, args.revision, args.commit_message)
-            print(f'pushed {args.checkpoint} to {url}')
-        else:
-            if args.repo_id:
-                validate_hub_repo_id(args.repo_id)
-            out = build_hub_folder(args.checkpoint, args.out_dir, args.repo_id)
-            print(f'wrote {", ".join(sorted(os.listdir(out)))} to {out}')
-    except (HubError, CheckpointError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

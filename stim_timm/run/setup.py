@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
 
-from .models import create_stimulative
+from ..models import create_stimulative
 from .transforms import add_lighting
 
 __all__ = ['create_stim_model', 'create_datasets', 'create_loaders', 'train_loss',
@@ -125,7 +126,6 @@ def create_loaders(args, data_config, device, datasets) -> Tuple[Any, Optional[A
 def distillation_task(args, model: nn.Module, criterion: nn.Module, device, dtype, verbose: bool) -> nn.Module:
     """timm's distillation task for ``--kd-*`` (as timm's train.py builds it); the teacher's weights
     come from its pretrained tag or ``--kd-pretrained-path``. A teacher that cannot load is a ValueError."""
-    from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
     common = dict(student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
                   teacher_pretrained_path=args.kd_pretrained_path, distill_loss_weight=args.distill_loss_weight,
                   task_loss_weight=args.task_loss_weight, device=device, dtype=dtype, verbose=verbose)

@@ -10,12 +10,18 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import torch.nn as nn
 import yaml
 from safetensors.torch import load_file, save_file, safe_open
+from timm.data import resolve_data_config
+
+from ..models import create_stimulative
 
 __all__ = ['CheckpointError', 'TrainedWeights', 'resolve_weights', 'load_trained_model', 'atomic_torch_save',
-           'atomic_save_safetensors', 'read_torch_checkpoint']
+           'atomic_save_safetensors', 'read_torch_checkpoint', 'run_data_config']
 
+# The data flags of a run that set its eval preprocessing.
+_DATA_ARGS = ('input_size', 'img_size', 'in_chans', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 BEST_NAMES = ('model.safetensors', 'model_best.pth.tar', 'last.pth.tar')
 
 
@@ -147,7 +153,6 @@ def load_trained_model(path: str, model_name: Optional[str] = None, num_classes:
     ``model_name``/``num_classes`` override what the checkpoint says; a bare weights file needs them.
     The class count is inferred from the classifier when nothing names it.
     """
-    from .models import create_stimulative  # local: models import timm registries
     weights = resolve_weights(path, ema=ema)
     name = model_name or weights.model
     if not name:
@@ -174,3 +179,11 @@ def load_trained_model(path: str, model_name: Optional[str] = None, num_classes:
         raise CheckpointError(f'{weights.path}: weights do not match {name} ({detail})') from None
     weights.model, weights.num_classes = name, model.num_classes
     return model, weights
+
+
+def run_data_config(model: nn.Module, run_args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Eval preprocessing of a trained model: the training run's data flags over the model's cfg."""
+    args = {k: v for k, v in (run_args or {}).items() if k in _DATA_ARGS and v is not None}
+    if isinstance(args.get('input_size'), (list, tuple)):
+        args['input_size'] = tuple(args['input_size'])
+    return resolve_data_config(args=args, model=model)

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-__all__ = ['kl', 'kl_minus', 'normalize_logits']
+__all__ = ['kl', 'kl_minus', 'normalize_logits', 'official_probs']
 
 
 def normalize_logits(logits: torch.Tensor, amplitude: float = 1.0, eps: float = 1e-7) -> torch.Tensor:
@@ -27,3 +27,12 @@ def kl_minus(sub_logits: torch.Tensor, full_logits: torch.Tensor, temperature: f
     with torch.autocast(sub_logits.device.type, enabled=False):
         return kl(normalize_logits(sub_logits, amplitude), normalize_logits(full_logits.detach(), amplitude),
                   temperature)
+
+
+def official_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities as the authors' training defined them: ``softmax(layer_norm(logits))``.
+
+    Their cross-entropy saw layer-normalised logits only, so the raw logits' scale is arbitrary: their
+    log's raw-logit val loss is 6.24 (uniform: ln 1000 = 6.91) at 80.5% top-1. The argmax is the same.
+    """
+    return normalize_logits(logits).softmax(dim=-1)

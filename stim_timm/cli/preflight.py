@@ -18,12 +18,18 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import timm
 import torch
 import torch.nn as nn
+from huggingface_hub import constants, get_token
+from timm.data import dataset_factory
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.layers import convert_splitbn_model
+from timm.models import clean_state_dict, load_state_dict
 
-from .checkpoint import CheckpointError, read_torch_checkpoint
-from .runstate import clean_run_folder, run_files
-from .inputs import SmallInput
-from .models import check_model_name, is_stim_model, make_stimulative
-from .sampling import rule_max_drops
+from ..method.inputs import SmallInput
+from ..method.sampling import rule_max_drops
+from ..models import check_model_name, is_stim_model, make_stimulative
+from ..publish.hub import HubError, validate_hub_repo_id
+from ..run.checkpoint import CheckpointError, read_torch_checkpoint
+from ..run.state import clean_run_folder, run_files
 from .train_args import stim_options
 
 __all__ = ['BadInput', 'Preflight', 'preflight', 'one_line', 'check_values', 'check_model', 'check_data',
@@ -262,7 +268,6 @@ def _read_weights(path: str, flag: str) -> Dict[str, Any]:
     """A weights file as timm's loader reads it (weights_only: a pickle never runs code)."""
     if not os.path.isfile(path):
         raise BadInput(f'{flag} {path}: no such file')
-    from timm.models import load_state_dict
     try:
         sd = load_state_dict(path, use_ema=True)
     except Exception as e:  # corrupt, truncated, unsafe pickle, foreign format
@@ -275,7 +280,6 @@ def _read_weights(path: str, flag: str) -> Dict[str, Any]:
 def check_checkpoints(args, name: str, model: nn.Module) -> Optional[Dict[str, Any]]:
     """--resume / --initial-checkpoint / --pretrained-path: readable and shaped for this model."""
     if args.split_bn and (args.initial_checkpoint or args.resume):
-        from timm.layers import convert_splitbn_model
         with torch.device('meta'):
             model = convert_splitbn_model(model, max(args.aug_splits, 2))
     if args.initial_checkpoint:
@@ -302,7 +306,6 @@ def check_checkpoints(args, name: str, model: nn.Module) -> Optional[Dict[str, A
         raise BadInput(f'--resume {one_line(e)}') from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), dict) or 'epoch' not in ckpt:
         raise BadInput(f'--resume {args.resume}: not a training checkpoint (no state_dict / epoch to resume from)')
-    from timm.models import clean_state_dict
     mismatch = _shape_mismatch(clean_state_dict(ckpt['state_dict']), model)
     if mismatch:
         raise BadInput(f'--resume {args.resume}: does not match this run ({name}: {mismatch})')
@@ -311,7 +314,6 @@ def check_checkpoints(args, name: str, model: nn.Module) -> Optional[Dict[str, A
 
 # ---- files and folders ---------------------------------------------------------------------------
 def _has_image(folder: str) -> bool:
-    from timm.data.readers.img_extensions import get_img_extensions
     exts = get_img_extensions(as_set=True)
     for _, _, files in os.walk(folder, followlinks=True):
         if any(os.path.splitext(f)[1].lower() in exts for f in files):
@@ -321,7 +323,6 @@ def _has_image(folder: str) -> bool:
 
 def _split_folder(root: str, split: str) -> str:
     """The folder timm's ``create_dataset`` reads for ``split`` (``root`` itself when none matches)."""
-    from timm.data import dataset_factory
     return dataset_factory._search_split(root, split)
 
 
@@ -399,8 +400,6 @@ def check_services(args) -> None:
         raise BadInput("--log-tensorboard needs the tensorboard package: pip install tensorboard "
                        "(or pip install 'stim-timm[tensorboard]')")
     if args.push_to_hub:
-        from huggingface_hub import constants, get_token
-        from .hub import HubError, validate_hub_repo_id
         try:
             validate_hub_repo_id(args.push_to_hub)
         except HubError as e:

@@ -1,0 +1,198 @@
+"""``stim-analyze``: how good are a trained model's sub-networks on their own?
+
+In a plainly trained residual network the shallower sub-networks are much worse than the full
+network ("network loafing"); stimulative training is meant to fix that. This evaluates the full
+network and a fixed panel of sub-networks of one or more checkpoints in a single pass over the data
+and plots top-1 against relative FLOPs, one colour per checkpoint.
+
+    stim-analyze CKPT [CKPT2 ...] --data-dir D --split test [--subnets N] [--out DIR]
+
+Outputs in ``--out``: ``subnets.csv``, ``subnets.json`` (``{"meta": ..., "rows": [...]}``) and
+``loafing.png``. Each sub-network is evaluated with its own BN statistics, re-estimated (on a copy of
+the model) from ``--recalibrate-bn B`` training batches with training transforms (default 2;
+``0``: the full network's statistics, which understate every sub-network).
+"""
+import argparse
+import copy
+import csv
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from ..eval.bn import bn_layers
+from ..eval.evaluate import eval_loader, evaluate_subnets
+from ..eval.flops import subnet_flops
+from ..eval.plot import plot_loafing
+from ..method.sampling import default_panel, parse_panel
+from ..models.subnet import format_depths, get_stim_model, validate_depths
+from ..run.checkpoint import CheckpointError, load_trained_model, run_data_config
+
+__all__ = ['analyze_checkpoints', 'write_results', 'main']
+
+CSV_FIELDS = ('checkpoint', 'model', 'depths', 'blocks_kept', 'total_blocks', 'rel_flops', 'gflops', 'top1', 'top5',
+              'is_full', 'images', 'bn', 'path')
+
+
+def _labels(paths: Sequence[str], labels: Optional[Sequence[str]]) -> List[str]:
+    if labels:
+        if len(labels) != len(paths):
+            raise ValueError(f'{len(labels)} labels for {len(paths)} checkpoints')
+        return list(labels)
+    out: List[str] = []
+    for p in paths:
+        p = os.path.abspath(p)
+        folder = os.path.dirname(p)
+        if os.path.isdir(p):
+            name = os.path.basename(p.rstrip(os.sep))
+        elif os.path.isfile(os.path.join(folder, 'args.yaml')):  # a file inside a run folder
+            name = os.path.basename(folder)
+        else:
+            name = os.path.basename(p)
+        base, i = name, 2
+        while name in out:
+            name, i = f'{base}#{i}', i + 1
+        out.append(name)
+    return out
+
+
+def analyze_checkpoints(
+        paths: Sequence[str],
+        data_dir: str,
+        split: str = 'test',
+        subnets: int = 20,
+        panel: Optional[Sequence[Sequence[int]]] = None,
+        model_name: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        labels: Optional[Sequence[str]] = None,
+        recalibrate_bn: int = 2,
+        train_split: str = 'train',
+        batch_size: int = 128,
+        workers: int = 0,
+        max_images: Optional[int] = None,
+        seed: int = 0,
+        progress: bool = True,
+) -> List[Dict[str, Any]]:
+    """Evaluate each checkpoint's full network and sub-networks; one row per (checkpoint, network).
+
+    Args:
+        paths: run folders, ``.pth(.tar)`` or ``.safetensors`` files (bare weights need ``model_name``).
+        panel: explicit sub-networks (e.g. a benchmark's fixed list) instead of ``default_panel``.
+        subnets: panel size when ``panel`` is not given.
+        recalibrate_bn: training batches (training transforms) per sub-network to re-estimate its BN
+            statistics, so that it is not measured with the full network's (0: off).
+        max_images: evaluate a fixed random subset (seeded) of the split.
+
+    Rows: checkpoint, model, depths, blocks_kept, total_blocks, rel_flops, gflops, top1, top5,
+    is_full, images, bn, path. The checkpoints are only read.
+    """
+    rows: List[Dict[str, Any]] = []
+    for path, label in zip(paths, _labels(paths, labels)):
+        model, weights = load_trained_model(path, model_name, num_classes)
+        model.eval()
+        stim = get_stim_model(model)
+        full = tuple(stim.stage_depths)
+        if panel is not None:
+            chosen = [validate_depths(d, full, stim.stage_min_depths) for d in panel]
+        else:
+            chosen = default_panel(full, subnets, seed, stim.stage_min_depths)
+        chosen = [d for d in dict.fromkeys(chosen) if d != full]
+        data_config = run_data_config(model, weights.args)
+        loader = eval_loader(data_dir, split, data_config, batch_size, workers, max_images, seed)
+        calib = None
+        if recalibrate_bn > 0 and bn_layers(model):
+            train_loader = eval_loader(data_dir, train_split, data_config, batch_size, workers, None, seed,
+                                        shuffle=True, training=True)
+            calib = [x for _, (x, _) in zip(range(recalibrate_bn), train_loader)]
+            model = copy.deepcopy(model)  # BN buffers get rewritten: never on the loaded weights
+        results = evaluate_subnets(model, loader, chosen, calib, progress, desc=label)
+        input_size = tuple(data_config['input_size'])
+        full_flops = subnet_flops(model, None, input_size)
+        for depths in [None] + chosen:
+            d = depths or full
+            top1, top5, seen = results[depths]
+            flops = subnet_flops(model, depths, input_size)
+            rows.append(dict(
+                checkpoint=label, model=weights.model, depths=list(d), blocks_kept=sum(d), total_blocks=sum(full),
+                rel_flops=round(flops / full_flops, 6), gflops=round(flops / 1e9, 6), top1=round(top1, 4),
+                top5=round(top5, 4), is_full=depths is None, images=seen,
+                bn='recalibrated' if calib and depths is not None else 'full-network',
+                path=os.path.abspath(weights.path)))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+def write_results(rows: Sequence[Dict[str, Any]], out_dir: str, meta: Optional[Dict[str, Any]] = None,
+                  title: Optional[str] = None) -> List[str]:
+    """``subnets.csv``, ``subnets.json`` and ``loafing.png`` in ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path, json_path, png_path = (os.path.join(out_dir, n) for n in ('subnets.csv', 'subnets.json', 'loafing.png'))
+    with open(csv_path, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(dict(r, depths=format_depths(r['depths'])))
+    with open(json_path, 'w') as f:
+        json.dump({'meta': meta or {}, 'rows': list(rows)}, f, indent=1)
+    plot_loafing(rows, png_path, title)
+    return [csv_path, json_path, png_path]
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog='stim-analyze',
+        description='Evaluate the sub-networks of trained models and plot top-1 against relative FLOPs.')
+    parser.add_argument('checkpoints', nargs='+', metavar='CKPT',
+                        help='train_stim.py output folder, .pth(.tar) or .safetensors (several: one colour each)')
+    parser.add_argument('--data-dir', required=True, help='ImageFolder root holding the split folders')
+    parser.add_argument('--split', default='test', help='evaluation split (default: test)')
+    parser.add_argument('--subnets', type=int, default=20, help='sub-networks besides the full one (default 20)')
+    parser.add_argument('--depths-list', default=None, help='explicit panel instead, e.g. "3,3,3;1,1,1"')
+    parser.add_argument('--out', default='output/analyze', help='output folder (default: output/analyze)')
+    parser.add_argument('--model', default=None, help='model name, for bare weights files')
+    parser.add_argument('--num-classes', type=int, default=None, help='class count, for bare weights files')
+    parser.add_argument('--labels', nargs='+', default=None, help='legend labels, one per checkpoint')
+    parser.add_argument('--recalibrate-bn', type=int, default=2, metavar='BATCHES',
+                        help="re-estimate BN statistics of each sub-network on BATCHES training batches "
+                             "(training transforms; default 2; 0: the full network's statistics)")
+    parser.add_argument('--train-split', default='train', help='split used by --recalibrate-bn')
+    parser.add_argument('--max-images', type=int, default=None, help='evaluate a fixed random subset')
+    parser.add_argument('-b', '--batch-size', type=int, default=128)
+    parser.add_argument('-j', '--workers', type=int, default=2)
+    parser.add_argument('--seed', type=int, default=0, help='fixes the panel and any subset')
+    parser.add_argument('--title', default=None, help='plot title (default: model, data and split)')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar on stderr')
+    args = parser.parse_args(argv)
+    try:
+        if args.subnets < 0 or args.recalibrate_bn < 0 or args.batch_size < 1:
+            raise ValueError('--subnets, --recalibrate-bn must be >= 0 and --batch-size >= 1')
+        if not os.path.isdir(args.data_dir):
+            raise ValueError(f'{args.data_dir}: no such data folder')
+        panel = parse_panel(args.depths_list) if args.depths_list else None
+        rows = analyze_checkpoints(
+            args.checkpoints, args.data_dir, args.split, args.subnets, panel, args.model, args.num_classes,
+            args.labels, args.recalibrate_bn, args.train_split, args.batch_size, args.workers, args.max_images,
+            args.seed, progress=not args.no_progress)
+        models = sorted({r['model'] for r in rows})
+        meta = dict(data_dir=os.path.abspath(args.data_dir), split=args.split, images=rows[0]['images'],
+                    seed=args.seed, recalibrate_bn=args.recalibrate_bn, models=models,
+                    checkpoints={r['checkpoint']: r['path'] for r in rows})
+        title = args.title or f"{', '.join(models)} on {os.path.basename(os.path.abspath(args.data_dir))}/" \
+                              f"{args.split} ({rows[0]['images']} images)"
+        paths = write_results(rows, args.out, meta, title)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    for r in rows:
+        print(f"{r['checkpoint']:<24s}  {format_depths(r['depths']):>14s}  blocks {r['blocks_kept']:3d}  "
+              f"FLOPs {r['rel_flops']:.3f}  top-1 {r['top1']:6.2f}  top-5 {r['top5']:6.2f}"
+              + ('  (full)' if r['is_full'] else ''))
+    print('wrote ' + ', '.join(paths))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

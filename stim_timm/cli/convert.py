@@ -1,0 +1,44 @@
+"""``stim-convert``: the ST/ST++ authors' ImageNet checkpoint as a timm folder (optionally pushed).
+
+    stim-convert THEIR.pth.tar OUT_DIR [--model stim_resnet50.stpp_in1k] [--push-to-hub ORG/NAME]
+"""
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from ..models.official import STAGE_DEPTHS, OfficialCheckpointError
+from ..publish.convert import ConvertError, convert
+from ..publish.hub import HubError
+from ..run.checkpoint import CheckpointError
+
+__all__ = ['main']
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='stim-convert',
+                                     description="Convert the ST/ST++ authors' ImageNet checkpoint to a timm folder.")
+    parser.add_argument('src', help="their .pth.tar (or a bare state_dict), e.g. model_best.pth.tar")
+    parser.add_argument('out_dir', help='folder for model.safetensors, config.json, README.md')
+    parser.add_argument('--model', default=None,
+                        help='stim_resnet50 / stim_resnet101 / stim_resnet152, optionally with the release tag '
+                             '(stim_resnet50.stpp_in1k); default: the depth read from the keys')
+    parser.add_argument('--push-to-hub', default=None, metavar='REPO_ID', help='then upload OUT_DIR to ORG/NAME')
+    args = parser.parse_args(argv)
+    try:
+        c = convert(args.src, args.out_dir, args.model, args.push_to_hub)
+    except (ConvertError, OfficialCheckpointError, CheckpointError, HubError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    depths = '-'.join(map(str, STAGE_DEPTHS[c.depth]))
+    print(f'{args.src}: official ResNet-{c.depth} (blocks per stage {depths}), '
+          f'{len(c.model.state_dict())} tensors -> timm {c.arch}')
+    print(f"release: {c.release.tag if c.release else 'none'}, {c.how}")
+    print(f'wrote model.safetensors, config.json, README.md to {args.out_dir}')
+    print(f"load with plain timm: timm.create_model('local-dir:{args.out_dir}', pretrained=True)")
+    if args.push_to_hub:
+        print(f'pushed to {c.commit_url}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
