@@ -226,7 +226,7 @@ def test_card_prefers_a_saved_analysis(tmp_path):
             for d, f, t1 in (([3, 3, 3], 1.0, 91.5), ([2, 1, 2], 0.6, 88.25), ([1, 1, 1], 0.3, 80.0))]
     write_results(rows, os.path.join(run, 'analysis'))
     card = open(os.path.join(build_hub_folder(run, str(tmp_path / 'f')), 'README.md')).read()
-    assert 'stim_timm.cli.analyze' in card and '| 2-1-2 | 5 | 0.600 | 88.25 | 99.00 |' in card
+    assert 'stim-analyze' in card and '| 2-1-2 | 5 | 0.600 | 88.25 | 99.00 |' in card
 
 
 # ------------------------------------------------------------------------------------------ the upload
