@@ -110,7 +110,7 @@ def setup(args, pre: Preflight, parser=None) -> TrainRun:
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     device = utils.init_distributed_device(args)
     if device.type == 'cpu':
-        pin_mmap_threshold()  # flat host memory under ST++'s ever-changing input sizes (stim_timm/memory.py)
+        pin_mmap_threshold()  # flat host memory under ST++'s ever-changing input sizes (stim_timm/run/memory.py)
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     if args.sync_bn and args.distributed and device.type != 'cuda':
