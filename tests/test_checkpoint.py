@@ -102,3 +102,27 @@ def test_atomic_write_keeps_previous_file(tmp_path):
         atomic_torch_save({'epoch': 2, 'bad': Unpicklable()}, str(path))
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ['last.pth.tar']
+
+
+def test_one_line_and_subnet_columns():
+    from stim_timm.run.folder import parse_subnet_column, subnet_column
+    from stim_timm.run.io import one_line
+    assert one_line(ValueError('a\n  b   c\n\nd')) == 'a b c d' and one_line(ValueError()) == 'ValueError'
+    assert one_line('x\ny\nz', lines=2) == 'x y' and one_line('tok hf_x\nmore', lines=1, secret='hf_x') == 'tok ***'
+    assert subnet_column((3, 4, 6, 3)) == 'subnet_3-4-6-3_top1'
+    assert parse_subnet_column('subnet_3-4-6-3_top1') == ((3, 4, 6, 3), 'top1')
+    assert parse_subnet_column('subnet_12_top5') == ((12,), 'top5')
+    assert [parse_subnet_column(c) for c in ('eval_top1', 'subnet_x_top1', 'subnet_3,4_top1')] == [None] * 3
+
+
+def test_run_folder_summary_is_atomic_and_resumable(tmp_path):
+    from stim_timm.run.folder import RunFolder
+    folder = RunFolder(str(tmp_path))
+    for epoch in range(3):
+        folder.append_summary(dict(epoch=epoch, eval_top1=10.0 * epoch, **({'subnet_1-1_top1': 5.0} if epoch else {})))
+    assert [r['epoch'] for r in folder.summary()] == ['0', '1', '2'] and folder.summary()[0]['subnet_1-1_top1'] == ''
+    assert folder.best_row('model.safetensors')[0]['epoch'] == '2' and folder.best_row('last.pth.tar')[1] == 'last epoch'
+    assert RunFolder.subnet_results(folder.summary()[1]) == [((1, 1), 5.0, None)]
+    folder.truncate_summary(1)
+    assert [r['epoch'] for r in folder.summary()] == ['0'] and os.listdir(tmp_path) == ['summary.csv']
+    assert RunFolder.containing(str(tmp_path / 'model.safetensors')).path == str(tmp_path)

@@ -254,6 +254,11 @@ def test_converted_folder(converted):
                  'named by --model; the file is not byte-identical to the released one', 'model_best.pth.tar',
                  '200 epochs'):
         assert text in card, text
+    data = huggingface_hub.ModelCard.load(os.path.join(converted, 'README.md')).data
+    assert (data.library_name, data.license, data.datasets) == ('timm', 'mit', ['imagenet-1k'])
+    (result,) = data.eval_results  # the reported top-1, with where it comes from
+    assert (result.metric_type, result.metric_value, result.dataset_type) == ('accuracy', 80.496, 'imagenet-1k')
+    assert result.source_url.startswith(official.OFFICIAL_REPO)
 
 
 def test_converted_folder_loads_with_plain_timm(converted, tmp_path):

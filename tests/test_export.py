@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import huggingface_hub
 import pytest
 import timm
 import torch
@@ -149,6 +150,9 @@ def test_export_cli_cifar_run_folder(tmp_path):
     assert cfg['architecture'] == 'resnet20_cifar' and cfg['model_args']['layers'] == [2, 2, 2]
     assert tuple(cfg['pretrained_cfg']['input_size']) == (3, 32, 32)
     assert 'import stim_timm' in (out / 'README.md').read_text()
+    data = huggingface_hub.ModelCard.load(str(out / 'README.md')).data
+    assert data.library_name == 'timm' and data.license == 'apache-2.0' and 'stimulative-training' in data.tags
+    assert data.eval_results is None  # the sub-network's accuracy is not known: no metric is claimed
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()  # with the plugin imported
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), model.subnet((2, 2, 2)):

@@ -344,12 +344,39 @@ def test_cli_push_and_build(vit_run, token, monkeypatch, capsys, tmp_path):
     assert sorted(os.listdir(tmp_path / 'b')) == ['README.md', 'config.json', 'loafing.png', 'model.safetensors']
 
 
-def test_recipe_resolves_train_stim_defaults():
-    from stim_timm.publish.hub import _recipe
-    assert dict(_recipe(dict(stim=False, stim_pp=False, epochs=3))) == {
+def test_card_recipe_is_what_training_resolves():
+    """One place (method.presets): the card's recipe lines and StimTask's arguments come from the same
+    resolution of the flags, so they cannot drift apart."""
+    from stim_timm.cli.train_args import parse_args, stim_options
+    from stim_timm.method.presets import describe_stim, resolve_stim
+    assert dict(describe_stim(dict(stim=False, stim_pp=False, epochs=3))) == {
         'Training': 'baseline (no stimulative training)'}
-    pp = dict(_recipe(dict(stim_pp=True, stim_rule=None, stim_subnets=None, stim_small_input=None)))
-    assert pp == {'Training': 'ST++', 'Sub-network sampling rule': 'stpp', 'Sub-networks per step (k)': 1,
+    assert dict(describe_stim({})) == {'Training': 'not recorded'}
+    pp = dict(describe_stim(dict(stim_pp=True, stim_rule=None, stim_subnets=None, stim_small_input=None)))
+    assert pp == {'Training': 'ST++ (preset stpp)', 'Sub-network sampling rule': 'stpp', 'Sub-networks per step (k)': 1,
                   'KL- loss': 'yes', 'Small sub-network inputs (min scale)': 0.43}
-    st = dict(_recipe(dict(stim=True, stim_subnets=3)))
+    st = dict(describe_stim(dict(stim=True, stim_subnets=3)))
     assert st['Sub-network sampling rule'] == 'uniform' and st['KL- loss'] == 'no' and st['Sub-networks per step (k)'] == 3
+    for flags in ([], ['--stim'], ['--stim-pp'], ['--stim-kl-minus', '--stim-subnets', '4'],
+                  ['--stim-pp', '--stim-rule', 'uniform', '--stim-small-input', '0.6'], ['--stim-subnets', '2']):
+        args, _ = parse_args(['data'] + flags)
+        opts = stim_options(args)
+        assert opts == resolve_stim(vars(args)) == resolve_stim(yaml.safe_load(yaml.safe_dump(vars(args))))
+        card = dict(describe_stim(vars(args)))
+        if not opts['num_subnets']:
+            assert card == {'Training': 'baseline (no stimulative training)'}
+            continue
+        small = opts['small_input']
+        assert card['Sub-network sampling rule'] == opts['rule'] and card['Sub-networks per step (k)'] == \
+            opts['num_subnets'] and card['KL- loss'] == ('yes' if opts['kl_minus'] else 'no')
+        assert card['Small sub-network inputs (min scale)'] == ('no' if small is None else small)
+
+
+def test_card_metadata_parses_back(vit_folder):
+    card = huggingface_hub.ModelCard.load(os.path.join(vit_folder, 'README.md'))
+    assert card.data.library_name == 'timm' and card.data.license == 'apache-2.0'
+    assert {'image-classification', 'timm', 'stimulative-training', 'stim-timm'} <= set(card.data.tags)
+    (result,) = card.data.eval_results
+    assert (result.task_type, result.metric_type, result.dataset_type) == ('image-classification', 'accuracy',
+                                                                           'torch/cifar10')
+    assert result.metric_value == 41.5 and card.data.model_name == 'vit-stpp'

@@ -14,7 +14,7 @@ def test_side_range_and_determinism():
     assert sides != [SmallInput(0.43, seed=6).side(224, s, k) for s in range(400) for k in range(2)]
 
 
-def test_lower_bound_is_the_st_pp_codes_int():
+def test_lower_bound_is_the_stpp_codes_int():
     # int(train_crop_size * mini_size) in the authors' code: 96 at 224, 86 at their 200 px train crop.
     assert min(SmallInput(0.43).sides(224)) == 96 and min(SmallInput(0.43).sides(200)) == 86
     assert list(SmallInput(0.5).sides(8)) == [4, 5, 6, 7, 8]

@@ -12,6 +12,7 @@ import torch.nn as nn
 from ..eval.bn import reestimate_bn
 from ..eval.evaluate import eval_loader
 from ..models.subnet import format_depths, get_stim_model, parse_depths, validate_depths
+from ..publish.card import write_card
 from ..publish.export import export_card, export_subnet, needs_plugin, plain_architecture, save_plain_model
 from ..publish.hub import HubError, upload_folder
 from ..run.checkpoint import CheckpointError, load_trained_model, run_data_config
@@ -63,9 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         save_plain_model(plain, args.out, run_data_config(model, weights.args))
         arch = plain_architecture(model)
         params = sum(p.numel() for p in plain.parameters())
-        with open(os.path.join(args.out, 'README.md'), 'w') as f:
-            f.write(export_card(arch, depths, model.stage_depths, args.checkpoint, params, needs_plugin(model),
-                                 args.push_to_hub))
+        write_card(export_card(arch, depths, model.stage_depths, args.checkpoint, params, needs_plugin(model),
+                               args.push_to_hub), args.out)
         print(f'exported {arch} sub-network {list(depths)} ({params / 1e6:.2f}M parameters) to {args.out}')
         if args.push_to_hub:
             url = upload_folder(args.out, args.push_to_hub, private=args.hub_private, revision=args.hub_revision,

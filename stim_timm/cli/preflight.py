@@ -29,20 +29,16 @@ from ..method.sampling import rule_max_drops
 from ..models import check_model_name, is_stim_model, make_stimulative
 from ..publish.hub import HubError, validate_hub_repo_id
 from ..run.checkpoint import CheckpointError, read_torch_checkpoint
-from ..run.state import clean_run_folder, run_files
+from ..run.folder import RunFolder
+from ..run.io import one_line
 from .train_args import stim_options
 
 __all__ = ['BadInput', 'Preflight', 'preflight', 'one_line', 'check_values', 'check_model', 'check_data',
-           'check_checkpoints', 'check_output', 'check_services', 'clean_run_folder']
+           'check_checkpoints', 'check_output', 'check_services']
 
 
 class BadInput(ValueError):
     """Bad input found before any work: one line, exit code 2."""
-
-
-def one_line(message: Any) -> str:
-    """The whole message on one line (never cut: the end of an error often says what to do)."""
-    return ' '.join(str(message).split()) or 'failed'
 
 
 @dataclass
@@ -165,10 +161,6 @@ def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
         _need(sum(args.train_size_probs) > 0, '--train-size-probs must not all be 0')
     if args.start_epoch is not None and args.start_epoch >= args.epochs:
         raise BadInput(f'--start-epoch {args.start_epoch} leaves nothing to train in --epochs {args.epochs}')
-    stim_on = bool(args.stim or args.stim_kl_minus or args.stim_pp)
-    if stim_on and args.stim_subnets == 0:
-        raise BadInput('--stim-subnets 0 trains no sub-network: give 1 or more, or drop the stim flags for '
-                       'the baseline')
     try:
         stim_options(args)
     except ValueError as e:
@@ -373,11 +365,11 @@ def check_output(args) -> Optional[str]:
     if not ok:
         raise BadInput(f'output folder {run_dir or out_root}: {why}')
     if run_dir and os.path.isdir(run_dir) and not args.resume and not args.overwrite:
-        files = run_files(run_dir)
+        files = RunFolder(run_dir).files()
         if files:
             shown = ', '.join(files[:4]) + (', ...' if len(files) > 4 else '')
             raise BadInput(f'output folder {run_dir} already holds a run ({shown}): add --resume '
-                           f'{os.path.join(run_dir, "last.pth.tar")} to continue it, --overwrite to replace it, '
+                           f'{RunFolder(run_dir).file(RunFolder.LAST)} to continue it, --overwrite to replace it, '
                            f'or give another --experiment')
     if run_dir and args.overwrite and args.resume and \
             os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(run_dir):

@@ -40,9 +40,10 @@ from ..run.engine import (
 from ..run.loader_hooks import HookedLoader, recovery_hook, save_images_hook
 from ..run.memory import pin_mmap_threshold
 from ..run.setup import create_datasets, create_loaders, create_stim_model, distillation_task, train_loss
-from ..run.state import StimCheckpointSaver, SummaryWriter, apply_resume, apply_resume_ema, default_mode
+from ..run.folder import RunFolder
+from ..run.state import StimCheckpointSaver, apply_resume, apply_resume_ema
 from ..run.tracking import create_trackers
-from .preflight import Preflight, clean_run_folder, one_line, preflight
+from .preflight import Preflight, one_line, preflight
 from .train_args import args_to_yaml, builtin_defaults, parse_args, stim_options
 
 _logger = logging.getLogger('train')
@@ -77,7 +78,7 @@ class TrainRun:
     subnet_every: int = 1
     output_dir: Optional[str] = None
     saver: Optional[StimCheckpointSaver] = None
-    summary: Optional[SummaryWriter] = None
+    folder: Optional[RunFolder] = None  # the run folder: args.yaml, summary.csv, weights (run.folder)
     trackers: List[Any] = field(default_factory=list)
     # the current epoch's metric for the scheduler and the best-checkpoint ranking (None: not validated)
     metric: Optional[float] = None
@@ -218,16 +219,15 @@ def prepare(run: TrainRun) -> None:
     name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model),
                                         str(run.data_config['input_size'][-1])])
     run.output_dir = utils.get_outdir(args.output or './output/train', name)
+    run.folder = RunFolder(run.output_dir)
     # --overwrite: the earlier run's files go (never mixed with this run's); always: partial saves of a kill
-    clean_run_folder(run.output_dir, everything=args.overwrite and not args.resume)
-    with open(os.path.join(run.output_dir, 'args.yaml'), 'w') as f:
-        f.write(args_to_yaml(args, run.parser))
+    run.folder.clean(everything=args.overwrite and not args.resume)
+    run.folder.write_args(args_to_yaml(args, run.parser))
     run.saver = StimCheckpointSaver(
         model=task.get_trainable_module(), optimizer=run.optimizer, args=args, amp_scaler=run.loss_scaler,
         checkpoint_dir=run.output_dir, recovery_dir=run.output_dir, decreasing=run.eval_metric == 'loss',
         max_history=args.checkpoint_hist, task=task, lr_scheduler=run.lr_scheduler, arch=args.model)
-    run.summary = SummaryWriter(os.path.join(run.output_dir, 'summary.csv'))
-    run.summary.truncate(run.start_epoch)  # rows of epochs this run (re)trains go
+    run.folder.truncate_summary(run.start_epoch)  # rows of epochs this run (re)trains go
     if run.ckpt and run.ckpt.get('saver') and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)),
                                                                run.output_dir):
         run.saver.load_state_dict(run.ckpt['saver'])  # best-checkpoint ranking continues
@@ -261,7 +261,7 @@ def run_epoch(run: TrainRun, epoch: int) -> Dict[str, Any]:
     train = train_one_epoch(epoch, task, loader, run.optimizer, cfg, run.lr_scheduler, run.loss_scaler,
                             run.mixup_fn)
     if not (math.isfinite(train['loss']) and math.isfinite(train['kl_loss'])):
-        last = os.path.join(run.output_dir, 'last.pth.tar') if run.output_dir else ''
+        last = run.folder.file(RunFolder.LAST) if run.folder else ''
         kept = f'the last good checkpoint is {last}' if last and os.path.isfile(last) else 'no checkpoint was saved'
         raise TrainingStopped(f'epoch {epoch}: the training loss is {train["loss"]} (KL {train["kl_loss"]}): '
                               f'stopped, this epoch is not saved; {kept}')
@@ -298,7 +298,7 @@ def save_epoch(run: TrainRun, epoch: int, row: Dict[str, Any]) -> None:
     the resume (which re-runs the epoch of the last complete checkpoint) rewrites identically."""
     if run.saver is None:
         return
-    run.summary.append(row)
+    run.folder.append_summary(row)
     for tracker in run.trackers:
         tracker.log(epoch, row)
     saver = run.saver
@@ -307,11 +307,10 @@ def save_epoch(run: TrainRun, epoch: int, row: Dict[str, Any]) -> None:
     if saver.best_metric is None or saver.cmp(run.metric, saver.best_metric):
         ema = run.task.has_ema() and not run.args.model_ema_force_cpu
         state = run.task.get_checkpoint_state(ema=ema)
-        path = os.path.join(run.output_dir, 'model.safetensors')
+        path = run.folder.file(RunFolder.BEST_SAFETENSORS)
         atomic_save_safetensors(state['state_dict_ema' if ema else 'state_dict'], path, metadata={
             'arch': run.args.model, 'num_classes': str(run.args.num_classes), 'epoch': str(epoch),
             'weights': 'ema' if ema else 'model'})
-        default_mode(path)
     saver.save_checkpoint(epoch, metric=run.metric)
 
 

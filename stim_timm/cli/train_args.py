@@ -13,7 +13,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
-from ..method.inputs import PAPER_MIN_SCALE, check_min_scale
+from ..method import presets
+from ..method.inputs import PAPER_MIN_SCALE
+from ..run.io import one_line
 
 __all__ = ['build_parser', 'parse_args', 'stim_options', 'stim_enabled', 'args_to_yaml', 'REFUSED', 'refused_reason',
            'builtin_defaults', 'config_value_error']
@@ -30,12 +32,6 @@ NAFLEX_REASON = ('NaFlex batches are patch dictionaries for NaFlexViT models; th
 REFUSED.update({dest: NAFLEX_REASON for dest in (
     'naflex_loader', 'naflex_train_seq_lens', 'naflex_max_seq_len', 'naflex_patch_sizes', 'naflex_patch_size_probs',
     'naflex_loss_scale', 'naflex_patchify_channels_first')})
-
-# Stim modifiers and their built-in defaults: setting one without enabling ST is an error.
-STIM_MODIFIERS: Dict[str, Any] = dict(
-    stim_rule=None, stim_small_input=None, stim_weight=1.0, stim_temp=1.0, stim_amplitude=1.0,
-    stim_norm_main=False, stim_start_epoch=0)
-
 
 def _add(group, *flags: str, **kwargs) -> None:
     group.add_argument(*flags, **kwargs)
@@ -267,12 +263,12 @@ def _kd_flags(p: argparse.ArgumentParser) -> None:
 def _stim_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Stimulative training (no stim flag: plain timm training, the baseline)')
     _add(g, '--stim', action='store_true', default=False, help='ST: KL between full and sampled sub-networks')
-    _add(g, '--stim-kl-minus', action='store_true', default=False, help='ST++ KL- loss (implies --stim)')
+    _add(g, '--stim-kl-minus', action='store_true', default=False, help="the stpp preset's KL- loss (implies --stim)")
     _add(g, '--stim-pp', action='store_true', default=False,
-         help=f'ST++: KL-, small inputs {PAPER_MIN_SCALE} and the stpp rule')
+         help=f'the stpp preset (ST++): KL-, small inputs {PAPER_MIN_SCALE} and the stpp rule')
     _add(g, '--stim-subnets', type=int, default=None, metavar='K', help='sub-networks per step (default 1)')
     _add(g, '--stim-rule', default=None, metavar='RULE',
-         help='"uniform" (ST default), "stpp" (ST++ default) or max drops per stage "0,1,3,0"')
+         help='"uniform" (st preset default), "stpp" (stpp preset default) or max drops per stage "0,1,3,0"')
     _add(g, '--stim-small-input', type=float, nargs='?', const=PAPER_MIN_SCALE, default=None,
          metavar='MIN_SCALE', help=f'smaller random sub-network inputs (default scale {PAPER_MIN_SCALE})')
     _add(g, '--stim-weight', type=float, default=1.0, help='weight of the sub-network loss')
@@ -361,7 +357,7 @@ def _load_config(parser: argparse.ArgumentParser, path: str) -> None:
         with open(path) as f:
             cfg = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as e:
-        parser.error(f'config {path}: {getattr(e, "strerror", None) or " ".join(str(e).split())}')
+        parser.error(f'config {path}: {getattr(e, "strerror", None) or one_line(e)}')
     if not isinstance(cfg, dict):
         parser.error(f'config {path}: expected a mapping of flag names to values')
     actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
@@ -411,36 +407,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
 
 def stim_enabled(args: argparse.Namespace) -> bool:
     """ST is on with --stim, --stim-kl-minus, --stim-pp or --stim-subnets K > 0."""
-    return bool(args.stim or args.stim_kl_minus or args.stim_pp or (args.stim_subnets or 0) > 0)
+    return presets.stim_enabled(vars(args))
 
 
 def stim_options(args: argparse.Namespace) -> Dict[str, Any]:
-    """StimTask keyword arguments for the flags; ``num_subnets=0`` (plain timm training) without any.
+    """StimTask keyword arguments for the flags (``stim_timm.method.presets``); ``num_subnets=0``
+    (plain timm training) without any.
 
     ValueError for contradictions: a modifier without ST, a bad small-input scale, K < 0.
     """
-    if not stim_enabled(args):
-        changed = [k for k, v in STIM_MODIFIERS.items() if getattr(args, k) != v]
-        if changed or args.stim_subnets is not None and args.stim_subnets < 0:
-            names = ', '.join('--' + k.replace('_', '-') for k in changed) or '--stim-subnets'
-            raise ValueError(f'{names} needs stimulative training: add --stim, --stim-kl-minus or --stim-pp')
-        return dict(num_subnets=0)
-    if args.stim_subnets == 0:
-        raise ValueError('--stim-subnets 0 trains no sub-network: give 1 or more, or drop the stim flags')
-    small = args.stim_small_input
-    if small is None and args.stim_pp:
-        small = PAPER_MIN_SCALE
-    return dict(
-        num_subnets=1 if args.stim_subnets is None else args.stim_subnets,
-        rule=args.stim_rule or ('stpp' if args.stim_pp else 'uniform'),
-        kl_minus=bool(args.stim_kl_minus or args.stim_pp),
-        temperature=args.stim_temp,
-        amplitude=args.stim_amplitude,
-        weight=args.stim_weight,
-        small_input=None if small is None else check_min_scale(small),
-        norm_main=args.stim_norm_main,
-        seed=args.seed,
-    )
+    return presets.resolve_stim(vars(args))
 
 
 def args_to_yaml(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:

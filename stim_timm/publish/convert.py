@@ -16,10 +16,12 @@ from typing import Dict, List, Optional, Tuple
 import timm
 import torch
 import torch.nn as nn
+from huggingface_hub import ModelCard
 from timm.models import save_for_hf
 
 from ..run.checkpoint import read_torch_checkpoint
-from .hub import retarget_card, upload_folder, validate_hub_repo_id
+from .card import Top1, build_card, retarget_card, write_card
+from .hub import upload_folder, validate_hub_repo_id
 from ..models.official import (
     OFFICIAL_REPO, PAPER_IDS, STAGE_DEPTHS, Release, find_release, identify_release,
     is_official, official_depth, official_state_dict, official_to_timm, release_cfg,
@@ -109,40 +111,41 @@ def load_official(src: str, model_name: Optional[str] = None) -> Converted:
     return Converted(src, model.eval(), depth, release, how)
 
 
-def _card(c: Converted, repo_id: Optional[str]) -> str:
+def _card(c: Converted, repo_id: Optional[str]) -> ModelCard:
+    """The converted checkpoint's card (``publish.card.build_card``): source, recipe, reported accuracy."""
     r = c.release
     name = f'{c.arch}.{r.tag}' if r else f'{c.arch} (ST checkpoint)'
     where = repo_id or 'ORG/NAME'
-    lines = ['---', 'tags:', '- image-classification', '- timm', '- stimulative-training', '- stim-timm',
-             'library_name: timm', 'license: mit', 'datasets:', '- imagenet-1k', '---', f'# {name}', '',
-             f'A ResNet-{c.depth} trained on ImageNet-1k by the authors of stimulative training (ST/ST++, '
-             f'{PAPER_IDS}) with their code, converted to timm\'s `{c.arch}` by stim-timm: tensors renamed, '
-             f'values unchanged. Loading needs timm only.', '', '## Source',
-             f'- **Original:** {r.url if r else os.path.basename(c.src)} ({OFFICIAL_REPO})',
-             f'- **Identified as the release:** {c.how}',
-             '- **Licence:** MIT (the authors\' repository)', '']
+    sections = [f'A ResNet-{c.depth} trained on ImageNet-1k by the authors of stimulative training (ST/ST++, '
+                f'{PAPER_IDS}) with their code, converted to timm\'s `{c.arch}` by stim-timm: tensors renamed, '
+                f'values unchanged. Loading needs timm only.',
+                '\n'.join(['## Source', f'- **Original:** {r.url if r else os.path.basename(c.src)} ({OFFICIAL_REPO})',
+                           f'- **Identified as the release:** {c.how}',
+                           '- **Licence:** MIT (the authors\' repository)'])]
     if r:
-        lines += ['## Recipe', f'{r.recipe}. Evaluation: resize 240, centre crop 224, bilinear, ImageNet mean/std.',
-                  '', '## Reported accuracy',
-                  f'ImageNet-1k val top-1 **{r.top1}%**, top-5 {r.top5}% after {r.epochs} epochs: the authors\' '
-                  f'training log, not measured by this conversion.', '']
-    lines += ['## Calibration',
-              'The authors\' training applied the cross-entropy to layer-normalised logits (no affine, eps 1e-7), '
-              'so `softmax(logits)` is not a calibrated probability: it is nearly uniform (top-1 is unaffected). '
-              'Use:', '```python',
-              'probs = torch.softmax(torch.nn.functional.layer_norm(logits, logits.shape[-1:], eps=1e-7), dim=-1)',
-              '# with stim-timm installed: stim_timm.official_probs(logits)', '```', '',
-              '## Usage', '```python', 'import timm',
-              f"model = timm.create_model('hf-hub:{where}', pretrained=True).eval()",
-              'transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))', '```', '']
-    return '\n'.join(lines)
+        sections += [f'## Recipe\n{r.recipe}. Evaluation: resize 240, centre crop 224, bilinear, ImageNet mean/std.',
+                     f'## Reported accuracy\nImageNet-1k val top-1 **{r.top1}%**, top-5 {r.top5}% after {r.epochs} '
+                     f'epochs: the authors\' training log, not measured by this conversion.']
+    sections += ['\n'.join(['## Calibration',
+                             'The authors\' training applied the cross-entropy to layer-normalised logits (no affine, '
+                             'eps 1e-7), so `softmax(logits)` is not a calibrated probability: it is nearly uniform '
+                             '(top-1 is unaffected). Use:', '```python',
+                             'probs = torch.softmax(torch.nn.functional.layer_norm(logits, logits.shape[-1:], '
+                             'eps=1e-7), dim=-1)',
+                             '# with stim-timm installed: stim_timm.official_probs(logits)', '```']),
+                 '\n'.join(['## Usage', '```python', 'import timm',
+                             f"model = timm.create_model('hf-hub:{where}', pretrained=True).eval()",
+                             'transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))',
+                             '```'])]
+    top1 = Top1(r.top1, 'imagenet-1k', 'validation', source_name="the authors' training log",
+                source_url=r.url) if r else None
+    return build_card(name, sections, model_name=name, license='mit', datasets=['imagenet-1k'], top1=top1)
 
 
 def write_folder(c: Converted, out_dir: str, repo_id: Optional[str] = None) -> List[str]:
     """``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``) + ``README.md``; their paths."""
     save_for_hf(c.model, out_dir, safe_serialization=True)
-    with open(os.path.join(out_dir, 'README.md'), 'w', encoding='utf-8') as f:
-        f.write(_card(c, repo_id))
+    write_card(_card(c, repo_id), out_dir)
     return [os.path.join(out_dir, n) for n in ('model.safetensors', 'config.json', 'README.md')]
 
 

@@ -24,9 +24,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 import torch.nn as nn
+from huggingface_hub import ModelCard
 from timm.models import PretrainedCfg, get_model_args, model_entrypoint, save_for_hf
 
 from ..models.subnet import format_depths, get_stim_model, validate_depths
+from .card import build_card
 
 __all__ = ['export_subnet', 'plain_architecture', 'needs_plugin', 'save_plain_model', 'export_card']
 
@@ -111,18 +113,17 @@ def save_plain_model(plain: nn.Module, out_dir: str, data_config: Optional[Dict[
 
 
 def export_card(arch: str, depths: Tuple[int, ...], full: Tuple[int, ...], source: str, params: int,
-                 plugin: bool, repo_id: Optional[str]) -> str:
-    """A short README.md: what was exported and how to load it."""
+                plugin: bool, repo_id: Optional[str]) -> ModelCard:
+    """A short README.md (``publish.card.build_card``): what was exported and how to load it."""
     imports = 'import stim_timm  # registers this architecture with timm\nimport timm' if plugin else 'import timm'
     where = f"'hf-hub:{repo_id}'" if repo_id else "'local-dir:/path/to/this/folder'"
-    return (
-        '---\ntags:\n- image-classification\n- timm\n- stimulative-training\nlibrary_name: timm\n'
-        'license: apache-2.0\n---\n'
-        f"# {arch}, sub-network {format_depths(depths)}\n\n"
+    sections = [
         f'A shallower `{arch}` exported by stim-timm from `{os.path.basename(source.rstrip(os.sep))}`: it keeps '
         f'the first {list(depths)} blocks of the stages {list(full)} ({sum(depths)} of {sum(full)} blocks, '
         f'{params / 1e6:.2f}M parameters). In eval mode its outputs equal those of the sub-network of the '
-        f'trained model.\n\n'
-        + ('`import stim_timm` is needed: the architecture is registered by stim-timm.\n\n' if plugin
-           else 'Loading needs timm only.\n\n')
-        + f'```python\n{imports}\nmodel = timm.create_model({where}, pretrained=True).eval()\n```\n')
+        f'trained model.',
+        '`import stim_timm` is needed: the architecture is registered by stim-timm.' if plugin
+        else 'Loading needs timm only.',
+        f'```python\n{imports}\nmodel = timm.create_model({where}, pretrained=True).eval()\n```']
+    name = repo_id.split('/')[-1] if repo_id else f'{arch}-{format_depths(depths)}'
+    return build_card(f'{arch}, sub-network {format_depths(depths)}', sections, model_name=name)

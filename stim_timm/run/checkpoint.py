@@ -1,28 +1,29 @@
 """Reading what training wrote: a run folder, a timm ``.pth.tar`` checkpoint or a bare weights file.
 
 Loading never unpickles arbitrary code (``weights_only=True`` or safetensors), and every failure is
-one ``CheckpointError`` line naming the file. Writes are atomic: a temp file, then ``os.replace``.
+one ``CheckpointError`` line naming the file. Writes are atomic (``stim_timm.run.io.atomic_write``); which
+file of a run folder holds the weights, and its ``args.yaml``, come from ``stim_timm.run.folder.RunFolder``.
 """
 import argparse
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import yaml
 from safetensors.torch import load_file, save_file, safe_open
 from timm.data import resolve_data_config
+from timm.models import clean_state_dict
 
 from ..models import create_stimulative
+from .folder import RunFolder
+from .io import atomic_write, one_line
 
 __all__ = ['CheckpointError', 'TrainedWeights', 'resolve_weights', 'load_trained_model', 'atomic_torch_save',
            'atomic_save_safetensors', 'read_torch_checkpoint', 'run_data_config']
 
 # The data flags of a run that set its eval preprocessing.
 _DATA_ARGS = ('input_size', 'img_size', 'in_chans', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
-BEST_NAMES = ('model.safetensors', 'model_best.pth.tar', 'last.pth.tar')
 
 
 class CheckpointError(ValueError):
@@ -39,32 +40,18 @@ class TrainedWeights:
     args: Dict[str, Any] = field(default_factory=dict)
 
 
-def _atomic(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` through ``run.io.atomic_write``."""
     def write(tmp: str) -> None:
         with open(tmp, 'wb') as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def atomic_save_safetensors(state_dict: Dict[str, torch.Tensor], path: str,
                             metadata: Optional[Dict[str, str]] = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_torch_checkpoint(path: str) -> Any:
@@ -75,12 +62,7 @@ def read_torch_checkpoint(path: str) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f'{path}: no such checkpoint') from None
     except Exception as e:  # corrupt, truncated, or not a weights-only pickle
-        raise CheckpointError(f'{path}: not a readable checkpoint ({_first_line(e)})') from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return ' '.join(text.split()) if text else type(e).__name__
+        raise CheckpointError(f'{path}: not a readable checkpoint ({one_line(e)})') from None
 
 
 def _as_dict(args: Any) -> Dict[str, Any]:
@@ -89,35 +71,21 @@ def _as_dict(args: Any) -> Dict[str, Any]:
     return dict(args) if isinstance(args, dict) else {}
 
 
-def _strip_prefix(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    for prefix in ('module.', '_orig_mod.'):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
-def _read_run_args(folder: str) -> Dict[str, Any]:
-    path = os.path.join(folder, 'args.yaml')
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
-
-
 def resolve_weights(path: str, ema: bool = False) -> TrainedWeights:
     """Weights and model info from a run folder, a ``.pth``/``.pth.tar`` or a ``.safetensors`` file."""
     run_args: Dict[str, Any] = {}
     if os.path.isdir(path):
-        run_args = _read_run_args(path)
-        names = ('model_best.pth.tar', 'last.pth.tar') if ema else BEST_NAMES
-        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-        if not found:
+        folder = RunFolder(path)
+        run_args = folder.read_args()
+        found = folder.weights_file(ema=ema)
+        if found is None:
+            names = RunFolder.EMA_WEIGHTS if ema else RunFolder.WEIGHTS
             raise CheckpointError(f'{path}: no {" / ".join(names)} in this folder')
-        path = found[0]
+        path = found
     elif not os.path.isfile(path):
         raise CheckpointError(f'{path}: no such checkpoint')
     else:
-        run_args = _read_run_args(os.path.dirname(os.path.abspath(path)))
+        run_args = RunFolder(os.path.dirname(os.path.abspath(path))).read_args()
 
     if path.endswith('.safetensors'):
         try:
@@ -125,7 +93,7 @@ def resolve_weights(path: str, ema: bool = False) -> TrainedWeights:
                 meta = f.metadata() or {}
             sd = load_file(path)
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f'{path}: not a readable safetensors file ({_first_line(e)})') from None
+            raise CheckpointError(f'{path}: not a readable safetensors file ({one_line(e)})') from None
         model = meta.get('arch') or run_args.get('model')
         num_classes = meta.get('num_classes') or run_args.get('num_classes')
         return TrainedWeights(path, sd, model, int(num_classes) if num_classes else None, run_args)
@@ -142,7 +110,7 @@ def resolve_weights(path: str, ema: bool = False) -> TrainedWeights:
     model = ckpt.get('arch') if isinstance(ckpt.get('arch'), str) and key else None
     model = args.get('model') or model
     num_classes = args.get('num_classes') or ckpt.get('num_classes')
-    return TrainedWeights(path, _strip_prefix(sd), model, int(num_classes) if num_classes else None, args)
+    return TrainedWeights(path, clean_state_dict(sd), model, int(num_classes) if num_classes else None, args)
 
 
 def load_trained_model(path: str, model_name: Optional[str] = None, num_classes: Optional[int] = None,
@@ -174,9 +142,7 @@ def load_trained_model(path: str, model_name: Optional[str] = None, num_classes:
     try:
         model.load_state_dict(weights.state_dict, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = ' '.join(l.strip() for l in first[:2])
-        raise CheckpointError(f'{weights.path}: weights do not match {name} ({detail})') from None
+        raise CheckpointError(f'{weights.path}: weights do not match {name} ({one_line(e, lines=2)})') from None
     weights.model, weights.num_classes = name, model.num_classes
     return model, weights
 

@@ -21,6 +21,7 @@ from timm import utils
 from ..eval.bn import subnet_bn
 from ..models import get_stim_model
 from ..method.task import StimTask
+from . import folder as run_folder
 
 __all__ = ['LoopConfig', 'train_one_epoch', 'validate', 'validate_subnets', 'subnet_column',
            'calibration_batches', 'subnet_eval_interval']
@@ -202,7 +203,7 @@ def validate(model: nn.Module, loader, cfg: LoopConfig, label: str = 'Test') -> 
 
 
 def subnet_column(depths: Sequence[int]) -> str:
-    return 'subnet_' + '-'.join(str(d) for d in depths) + '_top1'
+    return run_folder.subnet_column(depths)
 
 
 def calibration_batches(loader, cfg: LoopConfig, num_images: int) -> List[torch.Tensor]:

@@ -11,6 +11,7 @@ from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEn
 from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
 
 from ..models import create_stimulative
+from .io import one_line
 from .transforms import add_lighting
 
 __all__ = ['create_stim_model', 'create_datasets', 'create_loaders', 'train_loss',
@@ -138,7 +139,7 @@ def distillation_task(args, model: nn.Module, criterion: nn.Module, device, dtyp
                                          temperature=args.kd_temperature)
         return LogitDistillationTask(**common, loss_type=args.kd_loss_type, temperature=args.kd_temperature)
     except RuntimeError as e:  # e.g. no pretrained weights for the teacher, or weights that do not fit
-        raise ValueError(f'teacher {args.kd_model_name}: {" ".join(str(e).split())}') from None
+        raise ValueError(f'teacher {args.kd_model_name}: {one_line(e)}') from None
 
 
 def train_loss(args) -> nn.Module:

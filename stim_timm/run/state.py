@@ -1,4 +1,5 @@
-"""What a resumable run writes and reads back: checkpoints, RNG states, ``summary.csv``.
+"""What a resumable run writes and reads back: checkpoints and RNG states (the folder's files and
+``summary.csv``: ``stim_timm.run.folder``).
 
 A resumed run must continue exactly where the uninterrupted one was at the end of an epoch, so a
 checkpoint carries, beside timm's entries (``state_dict``, ``optimizer``, ``epoch``, ``task_state``,
@@ -7,14 +8,11 @@ augmentations of the next epoch come from them). Everything is weights_only-load
 plain dicts) and every file is replaced atomically: a kill -9 during a save leaves the previous file.
 """
 import argparse
-import csv
-import glob
 import os
 import random
 import shutil
-import tempfile
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -22,39 +20,9 @@ from timm.models import clean_state_dict
 from timm.utils import CheckpointSaver
 
 from .checkpoint import CheckpointError, atomic_torch_save, read_torch_checkpoint
+from .io import atomic_write, one_line
 
-__all__ = ['RUN_FILES', 'run_files', 'clean_run_folder', 'default_mode', 'capture_rng', 'restore_rng', 'StimCheckpointSaver', 'load_resume',
-           'apply_resume', 'apply_resume_ema', 'SummaryWriter']
-
-
-# What a run writes into its folder (a second run may not mix its files with these), and the
-# temporary files a kill can leave behind.
-TEMP_FILES = ('.tmp-*', 'tmp.pth.tar', 'recovery_tmp.pth.tar')
-RUN_FILES = ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'model.safetensors',
-             'checkpoint-*.pth.tar', 'recovery-*.pth.tar', 'train-batch-*.jpg') + TEMP_FILES
-
-
-def run_files(folder: str, patterns: Sequence[str] = RUN_FILES) -> List[str]:
-    """Names in ``folder`` matching ``patterns`` (an earlier run's files by default), sorted."""
-    found = set()
-    for pattern in patterns:
-        found.update(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(folder), pattern)))
-    return sorted(found)
-
-
-def clean_run_folder(folder: str, everything: bool = False) -> List[str]:
-    """Delete the partial saves a kill left (``everything``: an earlier run's files too); the names."""
-    names = run_files(folder, RUN_FILES if everything else TEMP_FILES)
-    for name in names:
-        os.unlink(os.path.join(folder, name))
-    return names
-
-
-def default_mode(path: str) -> None:
-    """Temp files are created 0600; give the final file the permissions a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+__all__ = ['capture_rng', 'restore_rng', 'StimCheckpointSaver', 'load_resume', 'apply_resume', 'apply_resume_ema']
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -97,18 +65,13 @@ class StimCheckpointSaver(CheckpointSaver):
         os.replace(src, dst)
 
     def _duplicate(self, src: str, dst: str) -> None:
-        fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=os.path.dirname(dst) or '.')
-        os.close(fd)
-        os.unlink(tmp)
-        try:
+        def link(tmp: str) -> None:  # a hard link where the file system has them, else a copy
+            os.unlink(tmp)
             try:
                 os.link(src, tmp)
             except OSError:
                 shutil.copy2(src, tmp)
-            os.replace(tmp, dst)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(dst, link)
 
     def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
         state = {
@@ -129,7 +92,6 @@ class StimCheckpointSaver(CheckpointSaver):
         if metric is not None:
             state['metric'] = metric
         atomic_torch_save(state, save_path)
-        default_mode(save_path)
 
 
 def load_resume(path: str) -> Dict[str, Any]:
@@ -140,17 +102,12 @@ def load_resume(path: str) -> Dict[str, Any]:
     return ckpt
 
 
-def _first_line(e: Exception) -> str:
-    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
-    return ' '.join(lines[:2])
-
-
 @contextmanager
 def _matching(path: str, what: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f'{path}: does not match this run ({what}: {_first_line(e)})') from None
+        raise CheckpointError(f'{path}: does not match this run ({what}: {one_line(e, lines=2)})') from None
 
 
 def apply_resume(ckpt: Dict[str, Any], path: str, task, optimizer=None, lr_scheduler=None,
@@ -178,38 +135,3 @@ def apply_resume_ema(ckpt: Dict[str, Any], path: str, task) -> None:
         with _matching(path, 'EMA model'):
             task.load_checkpoint_state(clean_state_dict(ckpt['state_dict_ema']), ckpt.get('task_state_ema'),
                                        ema=True)
-
-
-class SummaryWriter:
-    """``summary.csv``: one row per epoch, header from the first row; rows of epochs that a resume
-    re-runs are dropped first, so a resumed run's summary reads like an uninterrupted one."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def _rows(self) -> List[Dict[str, str]]:
-        if not os.path.isfile(self.path):
-            return []
-        with open(self.path, newline='') as f:
-            return list(csv.DictReader(f))
-
-    def truncate(self, start_epoch: int) -> None:
-        rows = [r for r in self._rows() if int(r['epoch']) < start_epoch]
-        self._write(rows)
-
-    def append(self, row: Dict[str, Any]) -> None:
-        self._write(self._rows() + [row])
-
-    def _write(self, rows: List[Dict[str, Any]]) -> None:
-        if not rows:
-            if os.path.exists(self.path):
-                os.unlink(self.path)
-            return
-        fields = list(rows[0].keys()) + [k for r in rows[1:] for k in r if k not in rows[0]]
-        fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=os.path.dirname(self.path) or '.')
-        with os.fdopen(fd, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(fields)))
-            writer.writeheader()
-            writer.writerows(rows)
-        default_mode(tmp)
-        os.replace(tmp, self.path)
