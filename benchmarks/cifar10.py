@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -127,11 +126,11 @@ def train(name: str, flags: Sequence[str], seed: int, data: str, runs: str, epoc
 
 
 def panels(stage_depths: Tuple[int, ...], num: int = 20, seed: int = 0) -> Dict[str, List[Tuple[int, ...]]]:
-    """The same panels for every method: uniform over all proper sub-networks, the stpp rule's, smallest."""
+    """The same panels for every method: the panel over all proper sub-networks (``SubnetSampler.panel``),
+    the stpp rule's, the smallest."""
     from stim_timm import SubnetSampler
-    every = [c for c in SubnetSampler(stage_depths, 'uniform').candidates() if c != stage_depths]
     stpp = [c for c in SubnetSampler(stage_depths, 'stpp').candidates() if c != stage_depths]
-    return {'uniform20': random.Random(seed).sample(every, min(num, len(every))), 'stpp': stpp,
+    return {'uniform20': SubnetSampler(stage_depths, 'uniform').panel(num, seed), 'stpp': stpp,
             'smallest': [tuple(1 for _ in stage_depths)]}
 
 

@@ -114,3 +114,10 @@ def test_yaml_accepts_what_the_command_line_would(tmp_path):
                                      'model_kwargs: {drop_rate: 0.1}\nwandb_tags: []\n')
     args, _ = parse_args(['-c', str(tmp_path / 'c.yaml'), 'data'])
     assert args.lr == 1 and args.scale == [0.5, 1] and args.model_kwargs == {'drop_rate': 0.1}
+
+
+def test_help_states_when_stimulative_training_pays_off():
+    """The stim flags' help says, in one sentence, that short runs can lose (benchmarks/crossover.py)."""
+    from stim_timm.cli.train_args import build_parser
+    text = ' '.join(build_parser().format_help().split())
+    assert 'ST/ST++ pays off with training length' in text and 'benchmarks/results/crossover.md' in text

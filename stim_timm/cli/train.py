@@ -44,7 +44,7 @@ from ..run.folder import RunFolder
 from ..run.state import StimCheckpointSaver, apply_resume, apply_resume_ema
 from ..run.tracking import create_trackers
 from .preflight import Preflight, one_line, preflight
-from .train_args import args_to_yaml, builtin_defaults, parse_args, stim_options
+from .train_args import PROG, args_to_yaml, builtin_defaults, parse_args, stim_options
 
 _logger = logging.getLogger('train')
 # Bad input found while building (a TypeError is never bad input: it is a bug and keeps its traceback).
@@ -90,7 +90,7 @@ class TrainingStopped(RuntimeError):
 
 def fail(message: str, code: int = 2) -> None:
     """Bad input: the whole message on one line on stderr, exit code 2 (as argparse does)."""
-    sys.stderr.write(f'train_stim.py: error: {one_line(message)}\n')
+    sys.stderr.write(f'{PROG}: error: {one_line(message)}\n')
     sys.exit(code)
 
 
