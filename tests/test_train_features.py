@@ -182,7 +182,7 @@ def test_type_error_from_our_code_keeps_its_traceback(monkeypatch, data, tmp_pat
     sys.path.insert(0, str(REPO))
     from stim_timm.cli import train as train_stim
 
-    def broken(args, pre, parser=None):
+    def broken(*args):
         raise TypeError('bug')
     monkeypatch.setattr(train_stim, 'setup', broken)
     with pytest.raises(TypeError, match='bug'):
