@@ -26,7 +26,7 @@ from ..models.subnet import parse_depths
 
 Depths = Tuple[int, ...]
 
-__all__ = ['SubnetSampler', 'rule_max_drops', 'default_panel', 'parse_panel']
+__all__ = ['SubnetSampler', 'rule_max_drops', 'parse_panel']
 
 
 def _stpp_drops(stage_depths: Sequence[int]) -> Depths:
@@ -124,56 +124,42 @@ class SubnetSampler:
         return all(n - d <= k <= n for k, n, d in zip(depths, self.stage_depths, self.max_drops))
 
     def panel(self, num: int, seed: int = 0) -> List[Depths]:
-        """A fixed evaluation panel: the smallest, the median, then distinct random proper
-        sub-networks (fixed by ``seed``), at most ``num`` and never the full network."""
-        pool = [c for c in self.candidates() if c != self.stage_depths]
-        chosen: List[Depths] = []
-        for c in (self.smallest, self.median):
-            if c in pool and c not in chosen:
-                chosen.append(c)
+        """A fixed evaluation panel of at most ``num`` proper sub-networks the rule can draw, chosen
+        to span the whole cost range: the smallest, a largest proper one, one per depth level
+        (total blocks kept; evenly spaced levels if ``num`` is short), then random others, sorted
+        by depth. A pure function of the stage layout, the rule and ``seed`` (not the run seed),
+        so checkpoints of one architecture are always compared on the same sub-networks.
+        """
+        full = self.stage_depths
+        rng = random.Random(f'stim-analyze-{seed}')
+        pool = [c for c in self.candidates() if c != full]
+        if num <= 0 or not pool:
+            return []
+        by_level: Dict[int, List[Depths]] = {}
+        for c in pool:
+            by_level.setdefault(sum(c), []).append(c)
+        levels = sorted(by_level)
+        chosen: List[Depths] = [self.smallest]
+        if len(levels) > 1:
+            chosen.append(rng.choice(by_level[levels[-1]]))
+        inner = levels[1:-1]
+        room = num - len(chosen)
+        if 0 < room < len(inner):  # evenly spaced levels across the range
+            inner = [inner[round(i * (len(inner) - 1) / max(1, room - 1))] for i in range(room)] if room > 1 \
+                else [inner[len(inner) // 2]]
+        for level in dict.fromkeys(inner):
+            if len(chosen) < num:
+                chosen.append(rng.choice(by_level[level]))
         rest = [c for c in pool if c not in chosen]
-        random.Random(f'panel-{seed}').shuffle(rest)
-        return (chosen + rest)[:max(0, num)]
+        rng.shuffle(rest)
+        chosen += rest[:max(0, num - len(chosen))]
+        return sorted(chosen[:num], key=lambda c: (sum(c), c))
 
     def state_dict(self) -> dict:
         return dict(stage_depths=self.stage_depths, rule=self.rule, seed=self.seed)
 
     def __repr__(self) -> str:
         return f'SubnetSampler(stage_depths={self.stage_depths}, rule={self.rule!r}, max_drops={self.max_drops}, seed={self.seed})'
-
-
-def default_panel(stage_depths: Sequence[int], num: int = 20, seed: int = 0,
-                  min_depths: Optional[Sequence[int]] = None) -> List[Depths]:
-    """A fixed panel of ``num`` proper sub-networks (keep 1..n blocks per stage), chosen to span
-    the whole cost range: the smallest, the largest proper one, one per depth level (total blocks
-    kept; evenly spaced levels if ``num`` is short), then random others. Pure function of its args,
-    so checkpoints of one architecture are always compared on the same sub-networks.
-    """
-    full = tuple(int(n) for n in stage_depths)
-    lowest = tuple(min_depths) if min_depths is not None else (1,) * len(full)
-    if num <= 0 or lowest == full:
-        return []
-    rng = random.Random(f'stim-analyze-{seed}')
-    pool = [c for c in SubnetSampler(full, 'uniform', min_depths=lowest).candidates() if c != full]
-    by_level: Dict[int, List[Depths]] = {}
-    for c in pool:
-        by_level.setdefault(sum(c), []).append(c)
-    levels = sorted(by_level)
-    chosen: List[Depths] = [lowest]
-    if len(levels) > 1:
-        chosen.append(rng.choice(by_level[levels[-1]]))
-    inner = levels[1:-1]
-    room = num - len(chosen)
-    if 0 < room < len(inner):  # evenly spaced levels across the range
-        inner = [inner[round(i * (len(inner) - 1) / max(1, room - 1))] for i in range(room)] if room > 1 \
-            else [inner[len(inner) // 2]]
-    for level in dict.fromkeys(inner):
-        if len(chosen) < num:
-            chosen.append(rng.choice(by_level[level]))
-    rest = [c for c in pool if c not in chosen]
-    rng.shuffle(rest)
-    chosen += rest[:max(0, num - len(chosen))]
-    return sorted(chosen[:num], key=lambda c: (sum(c), c))
 
 
 def parse_panel(text: str) -> List[Depths]:
