@@ -18,7 +18,7 @@ from stim_timm.cli.analyze import analyze_checkpoints, main
 
 from stim_timm.method.sampling import SubnetSampler, parse_panel
 
-from stim_timm.eval.evaluate import evaluate_subnets
+from stim_timm.eval.evaluate import evaluate
 from stim_timm.run.checkpoint import atomic_save_safetensors
 from stim_timm.publish.export import export_subnet
 from stim_timm.eval.flops import count_flops, relative_flops, subnet_flops
@@ -145,8 +145,9 @@ def test_families_evaluate(name, stages, size):
     assert model.stage_depths == stages
     batches = [(torch.randn(2, 3, size, size), torch.tensor([0, 3]))]
     panel = default_panel(stages, 3)
-    res = evaluate_subnets(model, batches, panel, progress=False)
-    assert set(res) == {None, *panel} and all(r[2] == 2 for r in res.values())
+    res = evaluate(model, batches, panel)
+    assert set(res) == {None, *panel} and all(r['images'] == 2 for r in res.values())
+    assert all(r['loss'] > 0 and 0 <= r['top1'] <= r['top5'] <= 100 for r in res.values())
     assert 0 < relative_flops(model, panel[0], (3, size, size)) < 1
 
 

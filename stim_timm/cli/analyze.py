@@ -21,7 +21,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..eval.bn import bn_layers
-from ..eval.evaluate import eval_loader, evaluate_subnets
+from ..eval.evaluate import eval_loader, evaluate
 from ..eval.flops import subnet_flops
 from ..eval.plot import plot_loafing
 from ..method.sampling import SubnetSampler, parse_panel
@@ -108,12 +108,12 @@ def analyze_checkpoints(
                                         shuffle=True, training=True)
             calib = [x for _, (x, _) in zip(range(recalibrate_bn), train_loader)]
             model = copy.deepcopy(model)  # BN buffers get rewritten: never on the loaded weights
-        results = evaluate_subnets(model, loader, chosen, calib, progress, desc=label)
+        results = evaluate(model, loader, chosen, calib, progress=progress, desc=label)
         input_size = tuple(data_config['input_size'])
         full_flops = subnet_flops(model, None, input_size)
         for depths in [None] + chosen:
             d = depths or full
-            top1, top5, seen = results[depths]
+            top1, top5, seen = (results[depths][k] for k in ('top1', 'top5', 'images'))
             flops = subnet_flops(model, depths, input_size)
             rows.append(dict(
                 checkpoint=label, model=weights.model, depths=list(d), blocks_kept=sum(d), total_blocks=sum(full),
