@@ -126,8 +126,8 @@ def train(name: str, flags: Sequence[str], seed: int, data: str, runs: str, epoc
 
 
 def panels(stage_depths: Tuple[int, ...], num: int = 20, seed: int = 0) -> Dict[str, List[Tuple[int, ...]]]:
-    """The same panels for every method: the panel over all proper sub-networks (``SubnetSampler.panel``),
-    the stpp rule's, the smallest."""
+    """The same panels for every method: the uniform rule's cost-spanning panel (as ``stim-analyze``),
+    the stpp rule's proper sub-networks, the smallest."""
     from stim_timm import SubnetSampler
     stpp = [c for c in SubnetSampler(stage_depths, 'stpp').candidates() if c != stage_depths]
     return {'uniform20': SubnetSampler(stage_depths, 'uniform').panel(num, seed), 'stpp': stpp,
@@ -195,8 +195,9 @@ def report(results: Dict[str, Dict[int, dict]], epochs: int, out_md: str, plot_p
             row += f" {timing[method]:.1f} | {timing[method] / timing['baseline']:.2f}x |"
         lines.append(row)
     lines += ['', 'Top-1 in %, mean ± std over seeds. Sub-networks are evaluated with the full network\'s BN '
-              'statistics. Panels are the same for every method: *uniform panel* = 20 sub-networks drawn '
-              'uniformly from all proper ones, *stpp-rule* = the proper sub-networks the stpp rule can sample, '
+              'statistics. Panels are the same for every method: *uniform panel* = 20 proper sub-networks '
+              'spanning the cost range (the smallest, a largest, one per depth level, as `stim-analyze` '
+              'picks them), *stpp-rule* = the proper sub-networks the stpp rule can sample, '
               '*smallest* = one block per stage.', '',
               '*As run*: median training seconds per epoch (the loop\'s own img/s, data loading included, '
               'validation not) of the protocol\'s runs, which shared the machine two at a time and with other '
@@ -283,9 +284,8 @@ def evaluate(run_dirs: Dict[Tuple[str, int], str], data: str, eval_split: str,
     cache_name = f'panel_{eval_split}{images}{"" if len(panel) > 3 else "_small"}.json'
     for (method, seed), run_dir in run_dirs.items():
         cache = os.path.join(run_dir, cache_name)
-        if os.path.isfile(cache):
-            rows = json.load(open(cache))
-        else:
+        rows = json.load(open(cache)) if os.path.isfile(cache) else None
+        if rows is None or not set(panel) <= {tuple(r['depths']) for r in rows}:  # none, or another panel
             rows = analyze_checkpoints(
                 [os.path.join(run_dir, 'last.pth.tar')], data, split=eval_split, panel=panel,
                 max_images=max_images, labels=[f'{method} (seed {seed})'], batch_size=250, progress=False)

@@ -25,10 +25,10 @@ enumeration), for reference. CPU time per step (``time.process_time``, all threa
 it does not count waiting for a core. The FLOP rate of the plain network at smaller sides is
 measured in the same process (interleaved sides) to show what small inputs do to the rate.
 
-FLOPs are counted, not modelled: ``torch.utils.flop_counter.FlopCounterMode`` on a forward+backward
-of the model (batch 1; counts scale linearly with batch), once per input side, with per-module
-counts; a sub-network's count = full count at that side minus its skipped blocks' counts (checked
-against a direct count). Only matmul/conv FLOPs count: BN, ReLU, adds, loss, resize and optimizer
+FLOPs are counted, not modelled: ``stim_timm.eval.flops.FlopTable(model, backward=True)`` traces a
+forward+backward of the model with ``torch.utils.flop_counter.FlopCounterMode`` (batch 1; counts
+scale linearly with batch), once per input side, with per-module counts; a sub-network's count =
+full count at that side minus its skipped blocks' counts (checked against a direct count). Only matmul/conv FLOPs count: BN, ReLU, adds, loss, resize and optimizer
 do not.
 
 Memory (one process per row, run one after another): peak RSS (``ru_maxrss``) of a fresh process
@@ -49,6 +49,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+
+import stim_timm
+from stim_timm.eval.flops import FlopTable
 
 ROWS: Dict[str, dict] = {
     'plain CE': dict(num_subnets=0),
@@ -126,46 +129,6 @@ def peak_rss(model_name: str, row: str, size: int, batch: int, steps: int, warmu
     return dict(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
 
 
-class FlopTable:
-    """fwd+bwd FLOPs (batch 1) of the full network and of each residual block, per input side."""
-
-    def __init__(self, model_name: str):
-        import stim_timm
-        self.model = stim_timm.create_stimulative(model_name)
-        self.stage_depths = tuple(self.model.stage_depths)
-        self.blocks = [list(stage) for stage in self.model.stim_stages]  # block names per stage
-        self._cache: Dict[int, Tuple[int, Tuple[Tuple[int, ...], ...]]] = {}
-
-    def _count(self, side: int, depths: Optional[Sequence[int]] = None):
-        from torch.utils.flop_counter import FlopCounterMode
-        self.model.zero_grad(set_to_none=True)
-        with self.model.subnet(depths), FlopCounterMode(display=False) as counter:
-            self.model(torch.randn(1, 3, side, side)).sum().backward()
-        return counter
-
-    def side(self, side: int) -> Tuple[int, Tuple[Tuple[int, ...], ...]]:
-        if side not in self._cache:
-            counter = self._count(side)
-            # keys are "<ClassName>.layer1.0" (module path under the root) and "Global"
-            counts = {k.split('.', 1)[1] if '.' in k else k: sum(v.values())
-                      for k, v in counter.get_flop_counts().items()}
-            per_block = tuple(tuple(counts.get(b, 0) for b in stage) for stage in self.blocks)
-            self._cache[side] = (counts['Global'], per_block)
-        return self._cache[side]
-
-    def flops(self, depths: Optional[Sequence[int]], side: int) -> int:
-        total, per_block = self.side(side)
-        if depths is None:
-            return total
-        return total - sum(sum(stage[keep:]) for stage, keep in zip(per_block, depths))
-
-    def check(self, depths: Sequence[int], side: int) -> None:
-        """The additive count equals a direct count of the sub-network."""
-        direct = self._count(side, depths).get_total_flops()
-        assert direct == self.flops(depths, side), (direct, self.flops(depths, side))
-        assert all(f > 0 for stage in self.side(side)[1] for f in stage), 'a block counted no FLOPs'
-
-
 def row_sides(row: str, size: int, model_multiple: int = 1) -> List[int]:
     """Every input side a row's sub-network passes can see (uniform), as SmallInput draws them."""
     from stim_timm import SmallInput
@@ -185,8 +148,8 @@ def expected_ideal(table: FlopTable, row: str, size: int) -> float:
     sampler = SubnetSampler(table.stage_depths, opts['rule'])
     cands = sampler.candidates()
     sides = row_sides(row, size, getattr(table.model, 'stim_input_multiple', 1))
-    mean_sub = sum(table.flops(c, s) for s in sides for c in cands) / (len(sides) * len(cands))
-    return (table.flops(None, size) + k * mean_sub) / table.flops(None, size)
+    mean_sub = sum(table.flops(c, (3, s, s)) for s in sides for c in cands) / (len(sides) * len(cands))
+    return (table.flops(None, (3, size, size)) + k * mean_sub) / table.flops(None, (3, size, size))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -225,12 +188,12 @@ def run_child(kind: str, model_name: str, rows: Sequence[str], size: int, batch:
 
 def analyse(table: FlopTable, rows: Sequence[str], size: int, batch: int, timed: dict) -> List[dict]:
     """Per-step ideal and measured ratios, row efficiency (FLOP rate vs plain) and its spread."""
-    full = table.flops(None, size)
+    full = table.flops(None, (3, size, size))
     base = timed['rows'][rows[0]]
     results = []
     for row in rows:
         t = timed['rows'][row]
-        ideal = [(full + sum(table.flops(d, s) for d, s in draws)) / full for draws in t['draws']]
+        ideal = [(full + sum(table.flops(d, (3, s, s)) for d, s in draws)) / full for draws in t['draws']]
         measured = [a / b for a, b in zip(t['times'], base['times'])]
         measured_cpu = [a / b for a, b in zip(t['cpu_times'], base['cpu_times'])]
         per_step = [i / m for i, m in zip(ideal, measured)]
@@ -249,7 +212,7 @@ def analyse(table: FlopTable, rows: Sequence[str], size: int, batch: int, timed:
             times=t['times'], cpu_times=t['cpu_times'], draws=t['draws'], ideal_per_step=ideal))
     rates = {}
     for side, times in timed['rate_times'].items():
-        rates[side] = batch * table.flops(None, int(side)) / statistics.median(times) / 1e9
+        rates[side] = batch * table.flops(None, (3, int(side), int(side))) / statistics.median(times) / 1e9
     return results, rates
 
 
@@ -285,8 +248,9 @@ def run_model(model_name: str, size: int, batch: int, steps: int, warmup: int, a
                                        pin=mode == 'pinned')['peak_rss_mb'] for mode in ('pinned', 'default')}
         print(f'  {model_name} {row}: peak RSS {memory[row]}', file=sys.stderr, flush=True)
     # FLOPs after the timed runs: counting must not compete with them for the cores.
-    table = FlopTable(model_name)
-    table.check(tuple(max(1, n - 1) for n in table.stage_depths), max(8, size // 2))
+    table = FlopTable(stim_timm.create_stimulative(model_name), backward=True)
+    side = max(8, size // 2)
+    table.check(tuple(max(1, n - 1) for n in table.stage_depths), (3, side, side))
     results, rates = analyse(table, rows, size, batch, timed)
     for r in results:
         r['peak_rss_mb'] = memory[r['row']]

@@ -16,9 +16,9 @@ from torchvision.datasets import ImageFolder
 
 from stim_timm.cli.analyze import analyze_checkpoints, main
 
-from stim_timm.method.sampling import default_panel, parse_panel
+from stim_timm.method.sampling import SubnetSampler, parse_panel
 
-from stim_timm.eval.evaluate import evaluate_subnets
+from stim_timm.eval.evaluate import evaluate
 from stim_timm.run.checkpoint import atomic_save_safetensors
 from stim_timm.publish.export import export_subnet
 from stim_timm.eval.flops import count_flops, relative_flops, subnet_flops
@@ -58,8 +58,13 @@ def runs(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ panel
 
+def default_panel(stages, num, seed=0):
+    """analyze's panel: the uniform rule's cost-spanning panel."""
+    return SubnetSampler(stages, 'uniform').panel(num, seed)
+
+
 @pytest.mark.parametrize('stages', [(3, 3, 3), (3, 4, 6, 3), (9, 9, 9), (3, 3, 3, 3)])
-def test_default_panel_spans_the_cost_range(stages):
+def test_panel_spans_the_cost_range(stages):
     panel = default_panel(stages, 20, seed=0)
     full = tuple(stages)
     levels = set(range(len(stages), sum(stages)))
@@ -77,13 +82,19 @@ def test_default_panel_spans_the_cost_range(stages):
     assert default_panel(stages, 20, seed=0) == panel and default_panel(stages, 20, seed=1) != panel
 
 
-def test_default_panel_small_and_degenerate():
+def test_panel_small_and_degenerate():
     assert default_panel((3, 4, 6, 3), 0) == []
-    assert default_panel((1, 1, 1), 5) == []  # nothing to drop
+    with pytest.raises(ValueError, match='only the full network'):
+        SubnetSampler((1, 1, 1), 'uniform')  # nothing to drop (analyze then evaluates the full network only)
     assert default_panel((3, 4, 6, 3), 2) == [(1, 1, 1, 1), default_panel((3, 4, 6, 3), 2)[1]]
     assert sum(default_panel((3, 4, 6, 3), 2)[1]) == 15
     five = default_panel((3, 4, 6, 3), 5)
     assert len({sum(p) for p in five}) == 5 and len(default_panel((2, 2), 100)) == 3  # every proper one
+
+
+def test_panel_is_the_one_analyze_always_used():
+    """The panel moved from analyze into the sampler unchanged: same sub-networks for the same seed."""
+    assert default_panel((3, 3, 3), 5) == [(1, 1, 1), (2, 1, 1), (3, 1, 2), (2, 2, 3), (3, 3, 2)]
 
 
 def test_parse_panel():
@@ -134,8 +145,9 @@ def test_families_evaluate(name, stages, size):
     assert model.stage_depths == stages
     batches = [(torch.randn(2, 3, size, size), torch.tensor([0, 3]))]
     panel = default_panel(stages, 3)
-    res = evaluate_subnets(model, batches, panel, progress=False)
-    assert set(res) == {None, *panel} and all(r[2] == 2 for r in res.values())
+    res = evaluate(model, batches, panel)
+    assert set(res) == {None, *panel} and all(r['images'] == 2 for r in res.values())
+    assert all(r['loss'] > 0 and 0 <= r['top1'] <= r['top5'] <= 100 for r in res.values())
     assert 0 < relative_flops(model, panel[0], (3, size, size)) < 1
 
 

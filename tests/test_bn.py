@@ -1,11 +1,19 @@
 """Per-sub-network BN re-estimation: biased batch statistics of exactly the sub-network's activations."""
+import json
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import pytest
 import timm
 import torch
 import torch.nn as nn
 
 import stim_timm  # noqa: F401 (registers the stim models)
 from stim_timm.eval.bn import bn_layers, bn_state, reestimate_bn, subnet_bn
-from stim_timm.run.engine import LoopConfig, calibration_batches, validate_subnets
+from stim_timm.eval.evaluate import evaluate
+from stim_timm.run.engine import LoopConfig, calibration_batches, validate, validate_subnets
 
 
 def model_and_batches():
@@ -65,3 +73,117 @@ def test_subnet_eval_interval_keeps_a_tenth_of_the_training_cost():
     # A 5,000-image CIFAR subset with 1,000 test images: 5 x 1,256 = 6,280 forwards, 1,500 a tenth.
     assert subnet_eval_interval(5_000, 1_000, 5, 256) == 5
     assert subnet_eval_interval(5_000, 1_000, 0, 256) == 1
+
+
+# ------------------------------------------------------------------------- the one evaluation function
+
+def _loader(n_batches=3, size=16, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g))
+            for n in (8, 8, 5)[:n_batches]]
+
+
+class _Counting(list):
+    """A loader that counts how often it is read."""
+    reads = 0
+
+    def __iter__(self):
+        self.reads += 1
+        return super().__iter__()
+
+
+def _reference(model, loader, depths, calib=None):
+    """Loss / top-1 / top-5 of one network measured on its own, the slow obvious way."""
+    xs, ys = torch.cat([x for x, _ in loader]), torch.cat([y for _, y in loader])
+    with torch.no_grad(), (subnet_bn(model, depths, calib) if calib else nullcontext()), model.subnet(depths):
+        logits = model(xs)
+    top = logits.topk(5, dim=1).indices
+    return dict(loss=nn.functional.cross_entropy(logits, ys).item(),
+                top1=100.0 * (top[:, 0] == ys).float().mean().item(),
+                top5=100.0 * (top == ys[:, None]).any(1).float().mean().item())
+
+
+@pytest.mark.parametrize('recalibrate', [False, True])
+def test_evaluate_reads_the_data_once_for_every_network(recalibrate):
+    model, batches = model_and_batches()
+    reestimate_bn(model, [torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(5))])
+    loader = _Counting(_loader())
+    saved = bn_state(bn_layers(model))
+    panel = [(1, 1, 1), (2, 3, 1)]
+    calib = batches if recalibrate else None
+    res = evaluate(model, loader, panel, calib)
+    assert loader.reads == 1 and list(res) == [None, *panel]
+    for key, got in res.items():
+        want = _reference(model, loader, key, calib if key is not None else None)
+        assert got['images'] == 21
+        for k in ('loss', 'top1', 'top5'):
+            assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-4), (key, k)
+    for (mean, var, _), m in zip(saved, bn_layers(model)):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+    assert model.current_subnet is None
+
+
+def test_validate_and_validate_subnets_are_evaluate():
+    model, batches = model_and_batches()
+    loader = _Counting(_loader())
+    cfg = LoopConfig(device=torch.device('cpu'), prefetcher=False)
+    panel = [(1, 1, 1), (3, 2, 2)]
+    full = validate(model, loader, cfg)
+    subs = validate_subnets(model, loader, cfg, panel, calib_batches=batches)
+    assert loader.reads == 2  # one pass for the whole panel
+    res = evaluate(model, loader, panel, batches)
+    assert full == {k: res[None][k] for k in ('loss', 'top1', 'top5')}
+    assert subs == {f'subnet_{a}-{b}-{c}_top1': res[(a, b, c)]['top1'] for a, b, c in panel}
+    assert validate_subnets(model, loader, cfg, []) == {}
+
+
+def test_evaluate_tta_and_a_plain_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))  # not stimulative: the full network only
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 3, 2, 2, generator=g), torch.tensor([0, 0, 3, 3, 1, 1])
+    res = evaluate(model, [(x, y)], tta=2)[None]
+    with torch.no_grad():
+        logits = model(x).view(3, 2, 4).mean(1)
+    assert res['images'] == 3
+    assert res['loss'] == pytest.approx(nn.functional.cross_entropy(logits, y[::2]).item())
+    assert res['top1'] == pytest.approx(100.0 * (logits.argmax(1) == y[::2]).float().mean().item())
+    with pytest.raises(ValueError, match='class index 7'):
+        evaluate(model, [(x, torch.full((6,), 7))])
+    with pytest.raises(ValueError, match='empty'):
+        evaluate(model, [])
+
+
+_DDP_WORKER = """
+import json, sys
+import timm, torch, torch.distributed as dist
+import stim_timm
+from stim_timm.eval.evaluate import evaluate
+dist.init_process_group('gloo')
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = timm.create_model('stim_resnet20_cifar', num_classes=10).eval()
+g = torch.Generator().manual_seed(1)
+x, y = torch.randn(12, 3, 16, 16, generator=g), torch.randint(0, 10, (12,), generator=g)
+mine = [(x[:4], y[:4]), (x[4:6], y[4:6])] if rank == 0 else [(x[6:], y[6:])]
+res = evaluate(model, mine, [(1, 1, 1)], distributed=True)
+whole = evaluate(model, [(x, y)], [(1, 1, 1)])
+if rank == 0:
+    json.dump([[res[k], whole[k]] for k in (None, (1, 1, 1))], open(sys.argv[1], 'w'))
+dist.destroy_process_group()
+"""
+
+
+def test_evaluate_sums_over_ddp_ranks(tmp_path):
+    worker, out = tmp_path / 'worker.py', tmp_path / 'out.json'
+    worker.write_text(_DDP_WORKER)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=repo)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                           '--master_port', '29517', str(worker), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for ranks, whole in json.loads(out.read_text()):
+        assert ranks['images'] == whole['images'] == 12
+        for k in ('loss', 'top1', 'top5'):
+            assert ranks[k] == pytest.approx(whole[k], rel=1e-6)

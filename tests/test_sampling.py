@@ -100,13 +100,18 @@ def test_same_draws_in_another_process():
     assert outs.pop().strip() == str([sampler.sample(s, k) for s in range(5) for k in range(2)])
 
 
-def test_panel_is_fixed_and_proper():
-    sampler = SubnetSampler((3, 4, 6, 3), 'stpp')
+def test_panel_is_fixed_proper_and_spans_the_rules_cost_range():
+    sampler = SubnetSampler((3, 4, 6, 3), 'stpp')  # max drops (0, 1, 3, 0): blocks kept 12..15
     panel = sampler.panel(5)
-    assert panel == sampler.panel(5)
+    assert panel == sampler.panel(5) == SubnetSampler((3, 4, 6, 3), 'stpp', seed=7).panel(5)  # not the run seed
+    assert panel != sampler.panel(5, seed=1)
     assert panel[0] == sampler.smallest == (3, 3, 3, 3)
-    assert len({sum(p) for p in panel}) == 4  # spans the cost range: every depth level 12..15
-    assert max(sum(p) for p in panel) == 15  # the largest proper one
+    assert sum(panel[-1]) == 15  # a largest proper one
+    assert {sum(p) for p in panel} == {12, 13, 14, 15}  # one per depth level
+    assert panel == sorted(panel, key=lambda p: (sum(p), p))
     assert len(panel) == len(set(panel)) == 5
     assert (3, 4, 6, 3) not in panel and all(sampler.contains(p) for p in panel)
-    assert len(sampler.panel(100)) == len(sampler) - 1
+    assert len(sampler.panel(100)) == len(sampler) - 1 and sampler.panel(0) == []
+    # the model's minimum depths bound the panel as they bound the draws
+    low = SubnetSampler((3, 4), 'uniform', min_depths=(2, 1)).panel(3)
+    assert low[0] == (2, 1) and all(p[0] >= 2 for p in low)

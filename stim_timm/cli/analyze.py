@@ -21,10 +21,10 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..eval.bn import bn_layers
-from ..eval.evaluate import eval_loader, evaluate_subnets
+from ..eval.evaluate import eval_loader, evaluate
 from ..eval.flops import subnet_flops
 from ..eval.plot import plot_loafing
-from ..method.sampling import default_panel, parse_panel
+from ..method.sampling import SubnetSampler, parse_panel
 from ..models.subnet import format_depths, get_stim_model, validate_depths
 from ..run.checkpoint import CheckpointError, load_trained_model, run_data_config
 
@@ -77,7 +77,8 @@ def analyze_checkpoints(
 
     Args:
         paths: run folders, ``.pth(.tar)`` or ``.safetensors`` files (bare weights need ``model_name``).
-        panel: explicit sub-networks (e.g. a benchmark's fixed list) instead of ``default_panel``.
+        panel: explicit sub-networks (e.g. a benchmark's fixed list) instead of the
+            sampler's cost-spanning panel (``SubnetSampler.panel``).
         subnets: panel size when ``panel`` is not given.
         recalibrate_bn: training batches (training transforms) per sub-network to re-estimate its BN
             statistics, so that it is not measured with the full network's (0: off).
@@ -94,8 +95,10 @@ def analyze_checkpoints(
         full = tuple(stim.stage_depths)
         if panel is not None:
             chosen = [validate_depths(d, full, stim.stage_min_depths) for d in panel]
-        else:
-            chosen = default_panel(full, subnets, seed, stim.stage_min_depths)
+        elif tuple(stim.stage_min_depths) != full:
+            chosen = SubnetSampler(full, 'uniform', min_depths=stim.stage_min_depths).panel(subnets, seed)
+        else:  # no block can be dropped: the full network only
+            chosen = []
         chosen = [d for d in dict.fromkeys(chosen) if d != full]
         data_config = run_data_config(model, weights.args)
         loader = eval_loader(data_dir, split, data_config, batch_size, workers, max_images, seed)
@@ -105,12 +108,12 @@ def analyze_checkpoints(
                                         shuffle=True, training=True)
             calib = [x for _, (x, _) in zip(range(recalibrate_bn), train_loader)]
             model = copy.deepcopy(model)  # BN buffers get rewritten: never on the loaded weights
-        results = evaluate_subnets(model, loader, chosen, calib, progress, desc=label)
+        results = evaluate(model, loader, chosen, calib, progress=progress, desc=label)
         input_size = tuple(data_config['input_size'])
         full_flops = subnet_flops(model, None, input_size)
         for depths in [None] + chosen:
             d = depths or full
-            top1, top5, seen = results[depths]
+            top1, top5, seen = (results[depths][k] for k in ('top1', 'top5', 'images'))
             flops = subnet_flops(model, depths, input_size)
             rows.append(dict(
                 checkpoint=label, model=weights.model, depths=list(d), blocks_kept=sum(d), total_blocks=sum(full),

@@ -285,7 +285,8 @@ def _stim_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--stim-norm-main', action='store_true', default=False, help='CE on normalised logits too')
     _add(g, '--stim-start-epoch', type=int, default=0, metavar='E', help='plain CE before epoch E')
     _add(g, '--stim-eval-subnets', type=int, default=5, metavar='N',
-         help='sub-networks validated each epoch (the panel spanning the cost range); 0: none')
+         help='sub-networks validated each epoch, a fixed panel spanning the cost range (the smallest, '
+              'a largest, one per depth level, then random); 0: none')
 
 
 def _recipe_flags(p: argparse.ArgumentParser) -> None:

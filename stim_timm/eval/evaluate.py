@@ -1,23 +1,28 @@
-"""One evaluation of a stim model: the full network and a panel of sub-networks in one pass.
+"""The one evaluation of a stim model: the full network and a panel of sub-networks in one pass.
 
 Every batch goes through the full network and each panel sub-network, so the data is read once
-however large the panel. A sub-network can be measured with its own BN statistics, re-estimated on
-training images (``stim_timm.eval.bn``): with the full network's it is understated.
+however large the panel. Each network gets its cross-entropy loss, top-1 and top-5, summed on the
+device (no per-batch sync) and all-reduced over DDP ranks at the end. A sub-network can be measured
+with its own BN statistics, re-estimated on training images (``stim_timm.eval.bn``): with the full
+network's it is understated. The training loop's validations (``stim_timm.run.engine``) and
+``stim-analyze`` both call ``evaluate``.
 """
 import os
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..models.subnet import get_stim_model
+from ..models.subnet import get_stim_model, is_stim_model
 from .bn import bn_layers, bn_state, load_bn_state, reestimate_bn
 
-__all__ = ['eval_loader', 'evaluate_subnets']
+__all__ = ['eval_loader', 'evaluate']
 
 Depths = Tuple[int, ...]
 
@@ -82,49 +87,89 @@ class _Progress:
 # ------------------------------------------------------------------------------------------ evaluation
 
 @torch.no_grad()
-def evaluate_subnets(model: nn.Module, loader: Iterable, panel: Sequence[Depths],
-                     calib_batches: Optional[Sequence[torch.Tensor]] = None, progress: bool = True,
-                     desc: str = 'eval') -> Dict[Optional[Depths], Tuple[float, float, int]]:
-    """Top-1/top-5 (%) and image count of the full network (key ``None``) and each panel entry.
+def evaluate(model: nn.Module, loader: Iterable, panel: Sequence[Sequence[int]] = (),
+             calib_batches: Optional[Sequence[torch.Tensor]] = None, *, full: bool = True,
+             prepare: Optional[Callable] = None, autocast: Optional[Callable] = None, tta: int = 0,
+             distributed: bool = False, progress: bool = False,
+             desc: str = 'eval') -> Dict[Optional[Depths], Dict[str, float]]:
+    """Loss, top-1 and top-5 (%) and image count of the full network (key ``None``) and of each
+    panel sub-network (key: its depths tuple), from one pass over ``loader``.
 
-    One pass over the data: every batch goes through all sub-networks. With ``calib_batches`` the
-    sub-networks get their own re-estimated BN statistics (the full network keeps its own); the
-    model must then be a disposable copy.
+    Args:
+        model: the model (any wrapper: DDP, compiled, EMA); put in eval mode. Without a panel it need
+            not be stimulative.
+        loader: ``(input, target)`` batches; targets are class indices.
+        panel: sub-networks (blocks kept per stage) measured besides the full network.
+        calib_batches: training inputs; each panel sub-network is then normalised with its own BN
+            statistics re-estimated on them, the full network with the model's own, which are
+            restored at the end.
+        full: measure the full network too.
+        prepare: ``(input, target) -> (input, target)`` applied to each batch (device, memory format).
+        autocast: context-manager factory around the forward and the loss (AMP).
+        tta: test-time augmentation factor: consecutive groups of ``tta`` outputs are averaged.
+        distributed: all-reduce the sums over the DDP ranks (every rank gets the totals).
+        progress: progress bars on stderr, labelled ``desc``.
     """
-    stim = get_stim_model(model)
+    keys: List[Optional[Depths]] = ([None] if full else []) + \
+        list(dict.fromkeys(tuple(int(d) for d in depths) for depths in panel))
+    if not keys:
+        return {}
+    stim = get_stim_model(model) if panel or is_stim_model(model) else None
     model.eval()
-    bns = bn_layers(model)
-    bn_states: Dict[Optional[Depths], Any] = {}
-    if calib_batches and bns:
-        bn_states[None] = bn_state(bns)
-        bar = _Progress(len(panel), f'{desc}: BN recalibration', progress)
-        for depths in panel:
-            reestimate_bn(model, calib_batches, depths)
-            bn_states[depths] = bn_state(bns)
-            bar.update()
-        bar.close()
-        load_bn_state(bns, bn_states[None])
-    keys: List[Optional[Depths]] = [None] + [d for d in panel]
-    correct = {k: [0, 0] for k in keys}
+    bns = bn_layers(model) if calib_batches and panel else []
+    bn_states: Dict[Optional[Depths], Any] = {None: bn_state(bns)} if bns else {}  # None: the model's own
+    autocast = autocast or nullcontext
+    loss_fn = nn.CrossEntropyLoss()
+    param = next(iter(model.parameters()), None)
+    sums = torch.zeros(len(keys), 3, dtype=torch.float64, device=param.device if param is not None else 'cpu')
     seen = 0
-    bar = _Progress(len(loader) if hasattr(loader, '__len__') else 0, desc, progress)
-    for x, y in loader:
-        for k in keys:
-            if bn_states:
-                load_bn_state(bns, bn_states[k])
-            with stim.subnet(k):
-                logits = model(x)
-            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            hit = top.eq(y.view(-1, 1))
-            correct[k][0] += int(hit[:, :1].sum())
-            correct[k][1] += int(hit.any(dim=1).sum())
-        seen += y.shape[0]
-        bar.update()
-    bar.close()
-    if bn_states:
-        load_bn_state(bns, bn_states[None])
-    if seen == 0:
+    bar = _Progress(0, desc, False)
+    try:
+        if bns:
+            bar = _Progress(len(keys) - full, f'{desc}: BN recalibration', progress)
+            for depths in keys[int(full):]:
+                reestimate_bn(model, calib_batches, depths)
+                bn_states[depths] = bn_state(bns)
+                bar.update()
+            bar.close()
+        bar = _Progress(len(loader) if hasattr(loader, '__len__') else 0, desc, progress)
+        for input, target in loader:
+            if prepare is not None:
+                input, target = prepare(input, target)
+            labels = target[0:target.size(0):tta] if tta > 1 else target
+            for i, depths in enumerate(keys):
+                if bn_states:
+                    load_bn_state(bns, bn_states[depths])
+                with torch.inference_mode(), stim.subnet(depths) if stim is not None else nullcontext():
+                    with autocast():
+                        output = model(input)
+                        output = output[0] if isinstance(output, (tuple, list)) else output
+                        if tta > 1:
+                            output = output.unfold(0, tta, tta).mean(dim=2)
+                        _check_labels(labels, output.shape[-1])
+                        loss = loss_fn(output, labels)
+                    hit = output.topk(min(5, output.shape[-1]), dim=-1).indices.eq(labels.view(-1, 1))
+                    row = torch.stack([loss.double() * labels.shape[0], hit[:, :1].sum().double(),
+                                       hit.any(dim=1).sum().double()])
+                sums[i] += row.to(sums.device)
+            seen += labels.shape[0]
+            bar.update()
+    finally:
+        bar.close()
+        if bn_states:
+            load_bn_state(bns, bn_states[None])
+    packed = torch.cat([sums.flatten(), sums.new_tensor([seen])])
+    if distributed:
+        dist.all_reduce(packed)
+    packed = packed.tolist()
+    images = packed[-1]
+    if images == 0:
         raise ValueError('the evaluation data is empty')
-    return {k: (100.0 * c1 / seen, 100.0 * c5 / seen, seen) for k, (c1, c5) in correct.items()}
+    return {k: dict(loss=packed[3 * i] / images, top1=100.0 * packed[3 * i + 1] / images,
+                    top5=100.0 * packed[3 * i + 2] / images, images=int(images)) for i, k in enumerate(keys)}
 
 
+def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """A class index past the head is a data / model mismatch (checked on the CPU only: no sync)."""
+    if labels.device.type == 'cpu' and labels.numel() and int(labels.max()) >= num_classes:
+        raise ValueError(f'the data has class index {int(labels.max())}, the model only {num_classes} classes')

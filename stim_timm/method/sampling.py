@@ -26,7 +26,7 @@ from ..models.subnet import parse_depths
 
 Depths = Tuple[int, ...]
 
-__all__ = ['SubnetSampler', 'rule_max_drops', 'default_panel', 'parse_panel']
+__all__ = ['SubnetSampler', 'rule_max_drops', 'parse_panel']
 
 
 def _stpp_drops(stage_depths: Sequence[int]) -> Depths:
@@ -124,15 +124,17 @@ class SubnetSampler:
         return all(n - d <= k <= n for k, n, d in zip(depths, self.stage_depths, self.max_drops))
 
     def panel(self, num: int, seed: int = 0) -> List[Depths]:
-        """A fixed evaluation panel of at most ``num`` proper sub-networks the rule can draw, spanning
-        the cost range: the smallest, the largest proper one, one per depth level (total blocks kept;
-        evenly spaced levels when ``num`` is short), then random others. A pure function of the
-        sampler and ``seed``, so checkpoints of one architecture are compared on the same panel; the
-        one panel of training's sub-network validation, ``stim-analyze`` and the benchmarks."""
-        pool = [c for c in self.candidates() if c != self.stage_depths]
+        """A fixed evaluation panel of at most ``num`` proper sub-networks the rule can draw, chosen
+        to span the whole cost range: the smallest, a largest proper one, one per depth level
+        (total blocks kept; evenly spaced levels if ``num`` is short), then random others, sorted
+        by depth. A pure function of the stage layout, the rule and ``seed`` (not the run seed),
+        so checkpoints of one architecture are always compared on the same sub-networks.
+        """
+        full = self.stage_depths
+        rng = random.Random(f'stim-analyze-{seed}')
+        pool = [c for c in self.candidates() if c != full]
         if num <= 0 or not pool:
             return []
-        rng = random.Random(f'stim-analyze-{seed}')
         by_level: Dict[int, List[Depths]] = {}
         for c in pool:
             by_level.setdefault(sum(c), []).append(c)
@@ -158,15 +160,6 @@ class SubnetSampler:
 
     def __repr__(self) -> str:
         return f'SubnetSampler(stage_depths={self.stage_depths}, rule={self.rule!r}, max_drops={self.max_drops}, seed={self.seed})'
-
-
-def default_panel(stage_depths: Sequence[int], num: int = 20, seed: int = 0,
-                  min_depths: Optional[Sequence[int]] = None) -> List[Depths]:
-    """The panel over every proper sub-network (the uniform rule's), ``[]`` when nothing can be dropped."""
-    full = tuple(int(n) for n in stage_depths)
-    if tuple(min_depths or (1,) * len(full)) == full:
-        return []
-    return SubnetSampler(full, 'uniform', min_depths=min_depths).panel(num, seed)
 
 
 def parse_panel(text: str) -> List[Depths]:

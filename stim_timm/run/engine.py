@@ -18,8 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm import utils
 
-from ..eval.bn import subnet_bn
-from ..models import get_stim_model
+from ..eval.evaluate import evaluate
 from ..method.task import StimTask
 from . import folder as run_folder
 
@@ -177,29 +176,27 @@ def _log_step(epoch, update_idx, updates_per_epoch, now, avg, seconds, samples, 
         f'Time: {seconds:.3f}s, {samples / max(seconds, 1e-9):>7.2f}/s  LR: {lr:.3e}')
 
 
-@torch.inference_mode()
 def validate(model: nn.Module, loader, cfg: LoopConfig, label: str = 'Test') -> Dict[str, float]:
     """Loss, top-1 and top-5 of ``model`` (eval mode) over ``loader``, summed over DDP ranks."""
-    model.eval()
-    sums = _Sums(cfg.device)
-    loss_fn = nn.CrossEntropyLoss()
     start = time.time()
-    for input, target in loader:
-        input, target = _to_device(input, target, cfg, None)
-        with cfg.amp_autocast():
-            output = model(input)
-            output = output[0] if isinstance(output, (tuple, list)) else output
-            if cfg.tta > 1:
-                output = output.unfold(0, cfg.tta, cfg.tta).mean(dim=2)
-                target = target[0:target.size(0):cfg.tta]
-            loss = loss_fn(output, target)
-        top1, top5 = utils.accuracy(output, target, topk=(1, min(5, output.shape[-1])))
-        sums.add(output.shape[0], loss=loss, top1=top1, top5=top5)
-    metrics = sums.read(cfg.distributed)
-    if cfg.primary:
-        _logger.info(f'{label}: {time.time() - start:.1f}s  Loss: {metrics["loss"]:>6.3f}  '
-                     f'Acc@1: {metrics["top1"]:>7.3f}  Acc@5: {metrics["top5"]:>7.3f}')
+    metrics = evaluate(model, loader, **_eval_kwargs(cfg))[None]
+    _log_eval(label, time.time() - start, metrics, cfg)
     return {k: metrics[k] for k in ('loss', 'top1', 'top5')}
+
+
+def _eval_kwargs(cfg: LoopConfig) -> dict:
+    return dict(prepare=partial(_prepare_eval, cfg=cfg), autocast=cfg.amp_autocast, tta=cfg.tta,
+                distributed=cfg.distributed)
+
+
+def _prepare_eval(input, target, cfg: LoopConfig):
+    return _to_device(input, target, cfg, None)
+
+
+def _log_eval(label: str, seconds: float, metrics: Dict[str, float], cfg: LoopConfig) -> None:
+    if cfg.primary:
+        _logger.info(f'{label}: {seconds:.1f}s  Loss: {metrics["loss"]:>6.3f}  '
+                     f'Acc@1: {metrics["top1"]:>7.3f}  Acc@5: {metrics["top5"]:>7.3f}')
 
 
 def subnet_column(depths: Sequence[int]) -> str:
@@ -241,12 +238,18 @@ def subnet_eval_interval(num_train: int, num_eval: int, panel_size: int, calib_i
 
 def validate_subnets(model: nn.Module, loader, cfg: LoopConfig, panel: List[Sequence[int]],
                      calib_batches: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, float]:
-    """Top-1 of each panel sub-network. With ``calib_batches`` (training images) each sub-network is
-    normalised with its own re-estimated BN statistics (``stim_timm.eval.bn``), else with the full
-    network's; the model's own statistics are restored after each."""
-    stim = get_stim_model(model)
+    """Top-1 of each panel sub-network, all from one pass over ``loader`` (each log line shows that
+    pass's time). With ``calib_batches`` (training images) each sub-network is normalised with its
+    own re-estimated BN statistics (``stim_timm.eval.bn``), else with the full network's; the
+    model's own statistics are restored after."""
+    if not panel:
+        return {}
+    start = time.time()
+    results = evaluate(model, loader, panel, calib_batches or None, full=False, **_eval_kwargs(cfg))
+    seconds = time.time() - start
     out = {}
     for depths in panel:
-        with subnet_bn(model, depths, calib_batches) if calib_batches else nullcontext(), stim.subnet(depths):
-            out[subnet_column(depths)] = validate(model, loader, cfg, label=f'Test {tuple(depths)}')['top1']
+        metrics = results[tuple(int(d) for d in depths)]
+        _log_eval(f'Test {tuple(depths)}', seconds, metrics, cfg)
+        out[subnet_column(depths)] = metrics['top1']
     return out
