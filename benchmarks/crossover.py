@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cifar10 import REPO, SCHEDULE, count_images, prepare_data, summary_rows, train  # noqa: E402
+from cifar10 import REPO, SCHEDULE, count_images, mean_std, prepare_data, summary_rows, train  # noqa: E402
 
 MEASURE = ['-j', '1', '--log-interval', '1000', '--stim-eval-subnets', '0', '--validation-batch-size', '500']
 RECIPES: Dict[str, List[str]] = {
@@ -113,11 +113,7 @@ def load_scores(runs: str) -> Dict[Cell, dict]:
 
 
 def _fmt(values: Sequence[float]) -> str:
-    if not values:
-        return ''
-    if len(values) == 1:
-        return f'{values[0]:.2f}'
-    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})'
+    return mean_std(values) + (f' (n={len(values)})' if len(values) > 1 else '')
 
 
 def report(scores: Dict[Cell, dict], out_md: str, per_class: int) -> str:
