@@ -267,8 +267,8 @@ def _kd_flags(p: argparse.ArgumentParser) -> None:
 def _stim_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         'Stimulative training (no stim flag: plain timm training, the baseline)',
-        'ST/ST++ pays off with training length: on 2,000 CIFAR-10 images (ResNet-20) ST++ cost 0.7 top-1 at '
-        '10 epochs and gained 1.5 at 30 and 3.9 at 60 (benchmarks/results/crossover.md); under-trained short '
+        'ST/ST++ pays off with training length: on 2,000 CIFAR-10 images (ResNet-20) ST++ cost 1.4 top-1 at '
+        '10 epochs (2 seeds) and gained 1.5 at 30 and 3.9 at 60 (benchmarks/results/crossover.md); under-trained short '
         'runs can lose.')
     _add(g, '--stim', action='store_true', default=False, help='ST: KL between full and sampled sub-networks')
     _add(g, '--stim-kl-minus', action='store_true', default=False, help="the stpp preset's KL- loss (implies --stim)")
