@@ -45,17 +45,19 @@ Cell = Tuple[str, str, int, int]  # recipe, method, epochs, seed
 
 
 def grid() -> List[Cell]:
-    """All cells, most needed first: the tuned curve, its second seed at both ends, timm's defaults,
-    the late-start variant, then ST."""
+    """All cells, most needed first: the tuned curve, its second seed at both ends, timm's defaults at
+    both ends, cheap short-run variants (second seed, ST, late start), then the middle and the rest."""
     cells: List[Cell] = []
     cells += [('tuned', m, e, 0) for e in LENGTHS for m in ('baseline', 'stpp')]
     cells += [('tuned', m, e, 1) for e in (10, 120) for m in ('baseline', 'stpp')]
-    cells += [('default', m, e, 0) for e in (10, 30, 60) for m in ('baseline', 'stpp')]
-    cells += [('tuned', 'stpp_late', e, 0) for e in LENGTHS]
-    cells += [('tuned', 'st', e, 0) for e in (10, 120)]
-    cells += [('default', m, e, 1) for e in (10, 60) for m in ('baseline', 'stpp')]
+    cells += [('default', m, e, 0) for e in (10, 120) for m in ('baseline', 'stpp')]
+    cells += [('default', m, 10, 1) for m in ('baseline', 'stpp')]
+    cells += [('tuned', m, 10, 0) for m in ('st', 'stpp_late')]
+    cells += [('default', m, e, 0) for e in (30, 60) for m in ('baseline', 'stpp')]
+    cells += [('tuned', 'stpp_late', e, 0) for e in (30, 60, 120)]
+    cells += [('tuned', 'st', 120, 0)]
+    cells += [('default', m, 120, 1) for m in ('baseline', 'stpp')]
     cells += [('tuned', 'stpp_late', e, 1) for e in (10, 120)]
-    cells += [('default', m, 120, 0) for m in ('baseline', 'stpp')]
     return cells
 
 
