@@ -46,16 +46,19 @@ Cell = Tuple[str, str, int, int]  # recipe, method, epochs, seed
 
 def grid() -> List[Cell]:
     """All cells, most needed first: the tuned curve, its second seed at both ends, timm's defaults at
-    both ends, cheap short-run variants (second seed, ST, late start), then the middle and the rest."""
+    both ends, cheap short-run variants (second seed, ST, late start), the late start and ST at length,
+    then the middle and the rest."""
     cells: List[Cell] = []
     cells += [('tuned', m, e, 0) for e in LENGTHS for m in ('baseline', 'stpp')]
     cells += [('tuned', m, e, 1) for e in (10, 120) for m in ('baseline', 'stpp')]
     cells += [('default', m, e, 0) for e in (10, 120) for m in ('baseline', 'stpp')]
     cells += [('default', m, 10, 1) for m in ('baseline', 'stpp')]
     cells += [('tuned', m, 10, 0) for m in ('st', 'stpp_late')]
-    cells += [('default', m, e, 0) for e in (30, 60) for m in ('baseline', 'stpp')]
-    cells += [('tuned', 'stpp_late', e, 0) for e in (30, 60, 120)]
+    cells += [('default', m, 30, 0) for m in ('baseline', 'stpp')]
+    cells += [('tuned', 'stpp_late', e, 0) for e in (30, 120)]
     cells += [('tuned', 'st', 120, 0)]
+    cells += [('default', m, 60, 0) for m in ('baseline', 'stpp')]
+    cells += [('tuned', 'stpp_late', 60, 0)]
     cells += [('default', m, 120, 1) for m in ('baseline', 'stpp')]
     cells += [('tuned', 'stpp_late', e, 1) for e in (10, 120)]
     return cells
