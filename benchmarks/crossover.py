@@ -126,7 +126,7 @@ def report(scores: Dict[Cell, dict], out_md: str, per_class: int) -> str:
              f'Produced by `python benchmarks/crossover.py --data-dir DIR`: `resnet20_cifar` trained by '
              f'`train_stim.py` on {per_class} images per class ({per_class * 10:,} images), scored on the '
              '10,000 test images with the last checkpoint; top-1 in %, mean ± std over seeds where '
-             'n > 1. Cells still missing are empty (the script resumes them).', '']
+             'n > 1. Cells not run yet read n/a (the script resumes them).', '']
     methods = [m for m in METHODS if any(c[1] == m for c in scores)]
     for recipe in RECIPES:
         rows = [(e, {m: [s['full'] for c, s in scores.items() if c[:3] == (recipe, m, e)] for m in methods})

@@ -267,9 +267,9 @@ def _kd_flags(p: argparse.ArgumentParser) -> None:
 def _stim_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         'Stimulative training (no stim flag: plain timm training, the baseline)',
-        'ST/ST++ pays off with training length: on 2,000 CIFAR-10 images (ResNet-20) ST++ cost 1.4 top-1 at '
-        '10 epochs (2 seeds) and gained 1.5 at 30 and 3.9 at 60 (benchmarks/results/crossover.md); under-trained short '
-        'runs can lose.')
+        'ST/ST++ pays off with training length: on 2,000 CIFAR-10 images (ResNet-20, tuned recipe) ST++ cost 1.4 '
+        'top-1 at 10 epochs and gained 1.5 to 3.9 from 30 to 120, but with timm\'s default flags (still under-fitted) '
+        'it trailed even at 120 (benchmarks/results/crossover.md): under-fitted runs can lose.')
     _add(g, '--stim', action='store_true', default=False, help='ST: KL between full and sampled sub-networks')
     _add(g, '--stim-kl-minus', action='store_true', default=False, help="the stpp preset's KL- loss (implies --stim)")
     _add(g, '--stim-pp', action='store_true', default=False,
