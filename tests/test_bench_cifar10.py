@@ -31,6 +31,9 @@ def test_quick_mode_trains_evaluates_and_reports(tmp_path):
     assert (tmp_path / 'cifar10_loafing.png').stat().st_size > 10_000
     runs = tmp_path / 'work' / 'runs_quick'
     assert sorted(os.listdir(runs)) == ['baseline-s0', 'stpp-s0']
+    # Sub-networks scored both ways: own BN (the table) and the full network's BN (the second table).
+    assert "### The same sub-networks with the full network's BN statistics" in text
+    assert all((runs / r / f'panel_test_bn{b}.json').is_file() for r in ('baseline-s0', 'stpp-s0') for b in (0, 2))
     assert (tmp_path / 'work' / 'runs_timing' / 'stpp-s0' / 'summary.csv').is_file()
     # A second invocation skips finished runs and reuses the cached panels.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
