@@ -285,7 +285,8 @@ BN_MODES = {'own': 2, 'full': 0}  # training batches to re-estimate each sub-net
 
 
 def evaluate(run_dirs: Dict[Tuple[str, int], str], data: str, eval_split: str,
-             max_images: Optional[int], sets: Optional[Dict[str, list]] = None) -> Tuple[dict, dict]:
+             max_images: Optional[int], sets: Optional[Dict[str, list]] = None,
+             bn_modes: Dict[str, int] = BN_MODES) -> Tuple[dict, dict]:
     """Full network and panel accuracies per (name, seed) run, cached per run folder, eval set and BN mode.
 
     Panels are scored twice: with BN re-estimated per sub-network (``own``, the fair measurement and
@@ -304,7 +305,7 @@ def evaluate(run_dirs: Dict[Tuple[str, int], str], data: str, eval_split: str,
         entry = {'wall_s': json.load(open(os.path.join(run_dir, 'wall_clock.json')))['wall_s'],
                  'epoch_s': statistics.median(train_seconds_per_epoch(run_dir, train_images)),
                  'train_loss': float(last['train_loss']), 'train_kl': float(last['train_kl_loss'])}
-        for mode, batches in BN_MODES.items():
+        for mode, batches in bn_modes.items():
             cache = os.path.join(run_dir, f'panel_{eval_split}{images}{"" if len(panel) > 3 else "_small"}'
                                           f'_bn{batches}.json')
             rows = json.load(open(cache)) if os.path.isfile(cache) else None
@@ -370,9 +371,11 @@ def main() -> None:
                    for job in order}
         run_dirs = {job: futures[job].result() for job in jobs}
     print('[cifar10] evaluating sub-network panels', flush=True)
-    # The ablation is about the full network: its panel is only the stpp rule's and the smallest.
+    # The ablation is about the full network: its panel is only the stpp rule's and the smallest, scored
+    # with each sub-network's own BN only.
     sets = {k: v for k, v in panels((3, 3, 3)).items() if k != 'uniform20'} if args.ablation else None
-    results, rows_by_run = evaluate(run_dirs, data, args.eval_split, max_images, sets)
+    results, rows_by_run = evaluate(run_dirs, data, args.eval_split, max_images, sets,
+                                    {'own': BN_MODES['own']} if args.ablation else BN_MODES)
     if args.ablation:
         ablation_report(results, args.out, next(iter(rows_by_run.values()))[0]['images'], args)
         return
