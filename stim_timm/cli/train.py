@@ -41,9 +41,10 @@ from ..run.loader_hooks import HookedLoader, recovery_hook, save_images_hook
 from ..run.memory import pin_mmap_threshold
 from ..run.setup import create_datasets, create_loaders, create_stim_model, distillation_task, train_loss
 from ..run.folder import RunFolder
+from ..run.io import one_line
 from ..run.state import StimCheckpointSaver, apply_resume, apply_resume_ema
 from ..run.tracking import create_trackers
-from .preflight import Preflight, one_line, preflight
+from .preflight import Preflight, preflight
 from .train_args import PROG, args_to_yaml, builtin_defaults, parse_args, stim_options
 
 _logger = logging.getLogger('train')

@@ -146,7 +146,8 @@ def evaluate(model: nn.Module, loader: Iterable, panel: Sequence[Sequence[int]] 
                         output = output[0] if isinstance(output, (tuple, list)) else output
                         if tta > 1:
                             output = output.unfold(0, tta, tta).mean(dim=2)
-                        _check_labels(labels, output.shape[-1])
+                        if i == 0:  # once per batch: every network has the same head
+                            _check_labels(labels, output.shape[-1])
                         loss = loss_fn(output, labels)
                     hit = output.topk(min(5, output.shape[-1]), dim=-1).indices.eq(labels.view(-1, 1))
                     row = torch.stack([loss.double() * labels.shape[0], hit[:, :1].sum().double(),
