@@ -13,10 +13,14 @@ DATA_DIR is CIFAR-10 in ImageFolder layout (``train/<class>/*.jpg``, ``test/<cla
 Every method trains ``stim_resnet20_cifar`` through ``train_stim.py`` with the same schedule,
 augmentation and seeds; only the stim flags differ. Runs go two at a time with one thread each.
 
-The script is resumable: a finished run (all epochs in its summary.csv) is skipped, an interrupted
-one resumes from its ``last.pth.tar``, so the protocol can span several sessions. When every run is
-done it evaluates the same sub-network panels on every checkpoint (``stim_timm.cli.analyze``) and writes
-``benchmarks/results/cifar10.md`` and the loafing plot of seed 0.
+Runs go seed by seed (baseline, ST, ST++; the ``stpp_norm_main`` variant after all seeds of the
+others), and each run is scored as soon as it finishes: the same sub-network panels on its last
+checkpoint (``stim_timm.cli.analyze``), with BN re-estimated per sub-network and with the full
+network's. Its scores go into ``benchmarks/results/cifar10_runs.json``, which is committed: a later
+session on a fresh machine (no run folders) skips every stored run, and an interrupted run resumes
+from its ``last.pth.tar`` where the folder still exists. The report (``benchmarks/results/cifar10.md``
+and the loafing plot of the first seed) is written from the store, also when runs are still missing
+(``--report`` writes it without training).
 
 No tuning on the test split: during training each epoch is validated on 100 held-out *training*
 images per class (not in the training subset); the test split is only read once, at the end, by the
@@ -30,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -172,7 +177,7 @@ def load_timing(work: str) -> Dict[str, float]:
 
 
 def report(results: Dict[str, Dict[int, dict]], epochs: int, out_md: str, plot_path: str, args,
-           eval_images: int, timing: Dict[str, float]) -> None:
+           eval_images: int, timing: Dict[str, float], missing: Sequence[str] = ()) -> None:
     base_epoch = statistics.mean(r['epoch_s'] for r in results['baseline'].values())
     alone = '| s / epoch alone | alone vs baseline ' if timing else ''
     lines = [
@@ -180,19 +185,27 @@ def report(results: Dict[str, Dict[int, dict]], epochs: int, out_md: str, plot_p
         f'Produced by `python benchmarks/cifar10.py --data-dir DIR{" --quick" if args.quick else ""}` '
         f'({MODEL}, {args.per_class} training images per class, {epochs} epochs, SGD + cosine, crop+flip; '
         f'evaluated on {eval_images:,} {"test" if args.eval_split == "test" else "held-out training"} images; '
-        f'seeds {", ".join(map(str, args.seeds))}; 2 runs at a time, 1 thread each, 2-core CPU).', '',
-        '| method | flags | full top-1 | uniform panel (20) top-1 | stpp-rule sub-nets top-1 | smallest top-1 '
+        f'seeds {", ".join(map(str, args.seeds))}; {args.parallel} run(s) at a time, 1 thread each, '
+        f'{os.cpu_count()}-core CPU).', '',
+    ]
+    if missing:
+        lines += [f'**Partial**: {len(missing)} run(s) of the protocol not finished yet ({", ".join(missing)}); '
+                  'the same command resumes them (finished runs are kept in `benchmarks/results/cifar10_runs.json`). '
+                  'The seeds column says how many runs each row averages.', '']
+    lines += [
+        '| method | flags | seeds | full top-1 | uniform panel (20) top-1 | stpp-rule sub-nets top-1 | smallest top-1 '
         f'| s / epoch as run | total min as run | as run vs baseline {alone}|',
-        '|---|---|---|---|---|---|---|---|---|' + ('---|---|' if timing else ''),
+        '|---|---|---|---|---|---|---|---|---|---|' + ('---|---|' if timing else ''),
     ]
     for method, by_seed in results.items():
         col = lambda key: [r[key] for r in by_seed.values()]
         per_epoch = statistics.mean(col('epoch_s'))
-        row = (f"| {method} | `{' '.join(METHODS[method]) or '(none)'}` | {mean_std(col('full'))} "
+        row = (f"| {method} | `{' '.join(METHODS[method]) or '(none)'}` | {len(by_seed)} | {mean_std(col('full'))} "
                f"| {mean_std(col('uniform20'))} | {mean_std(col('stpp'))} | {mean_std(col('smallest'))} "
                f"| {per_epoch:.1f} | {statistics.mean(col('wall_s')) / 60:.1f} | {per_epoch / base_epoch:.2f}x |")
         if timing:
-            row += f" {timing[method]:.1f} | {timing[method] / timing['baseline']:.2f}x |"
+            row += (f" {timing[method]:.1f} | {timing[method] / timing['baseline']:.2f}x |"
+                    if method in timing and 'baseline' in timing else ' n/a | n/a |')
         lines.append(row)
     lines += ['', 'Top-1 in %, mean ± std over seeds. Sub-networks are evaluated with BN statistics re-estimated '
               'per sub-network (2 batches of 250 training images, training transforms). Panels are the same for every method: *uniform panel* = 20 proper sub-networks '
@@ -284,46 +297,91 @@ def ablation_report(results: Dict[str, Dict[int, dict]], out_md: str, eval_image
 BN_MODES = {'own': 2, 'full': 0}  # training batches to re-estimate each sub-network's BN (0: the full network's)
 
 
-def evaluate(run_dirs: Dict[Tuple[str, int], str], data: str, eval_split: str,
-             max_images: Optional[int], sets: Optional[Dict[str, list]] = None,
-             bn_modes: Dict[str, int] = BN_MODES) -> Tuple[dict, dict]:
-    """Full network and panel accuracies per (name, seed) run, cached per run folder, eval set and BN mode.
+def score_run(method: str, seed: int, run_dir: str, data: str, eval_split: str, max_images: Optional[int],
+              sets: Dict[str, list], bn_modes: Dict[str, int] = BN_MODES) -> dict:
+    """One run's full network and panel accuracies (cached in the run folder per eval set and BN mode).
 
     Panels are scored twice: with BN re-estimated per sub-network (``own``, the fair measurement and
     the keys of ``sets``) and with the full network's BN statistics (``full``, keys ``<set>_fullbn``).
-    The returned rows (for the plot) are the ``own`` ones.
+    ``rows`` (for the plot) are the ``own`` ones.
     """
     from stim_timm.cli.analyze import analyze_checkpoints
-    sets = sets or panels((3, 3, 3))
     panel = list(dict.fromkeys(d for ds in sets.values() for d in ds))
-    results: Dict[str, Dict[int, dict]] = {}
-    rows_by_run = {}
     train_images = count_images(os.path.join(data, 'train'))
     images = os.path.basename(data).partition('_h')[2] if eval_split == 'holdout' else ''
+    last = summary_rows(run_dir)[-1]
+    entry = {'method': method, 'seed': seed, 'epochs': len(summary_rows(run_dir)),
+             'wall_s': json.load(open(os.path.join(run_dir, 'wall_clock.json')))['wall_s'],
+             'epoch_s': statistics.median(train_seconds_per_epoch(run_dir, train_images)),
+             'train_loss': float(last['train_loss']), 'train_kl': float(last['train_kl_loss'])}
+    for mode, batches in bn_modes.items():
+        cache = os.path.join(run_dir, f'panel_{eval_split}{images}{"" if len(panel) > 3 else "_small"}'
+                                      f'_bn{batches}.json')
+        rows = json.load(open(cache)) if os.path.isfile(cache) else None
+        if rows is None or not set(panel) <= {tuple(r['depths']) for r in rows}:  # none, or another panel
+            rows = analyze_checkpoints(
+                [os.path.join(run_dir, 'last.pth.tar')], data, split=eval_split, panel=panel,
+                max_images=max_images, labels=[f'{method} (seed {seed})'], recalibrate_bn=batches,
+                batch_size=250, progress=False)
+            with open(cache, 'w') as f:
+                json.dump(rows, f)
+        acc = {tuple(r['depths']): r['top1'] for r in rows}
+        entry['full'] = next(r['top1'] for r in rows if r['is_full'])
+        entry['eval_images'] = rows[0]['images']
+        for key, ds in sets.items():
+            entry[key if mode == 'own' else f'{key}_fullbn'] = statistics.mean(acc[d] for d in ds)
+        if mode == 'own':
+            entry['rows'] = [{k: r[k] for k in PLOT_KEYS} for r in rows]
+    return entry
+
+
+PLOT_KEYS = ('checkpoint', 'depths', 'rel_flops', 'top1', 'top5', 'is_full', 'images')
+
+
+def evaluate(run_dirs: Dict[Tuple[str, int], str], data: str, eval_split: str,
+             max_images: Optional[int], sets: Optional[Dict[str, list]] = None,
+             bn_modes: Dict[str, int] = BN_MODES) -> Tuple[dict, dict]:
+    """``score_run`` for several runs: ``{name: {seed: entry}}`` and the plot rows per (name, seed)."""
+    sets = sets or panels((3, 3, 3))
+    results: Dict[str, Dict[int, dict]] = {}
     for (method, seed), run_dir in run_dirs.items():
-        last = summary_rows(run_dir)[-1]
-        entry = {'wall_s': json.load(open(os.path.join(run_dir, 'wall_clock.json')))['wall_s'],
-                 'epoch_s': statistics.median(train_seconds_per_epoch(run_dir, train_images)),
-                 'train_loss': float(last['train_loss']), 'train_kl': float(last['train_kl_loss'])}
-        for mode, batches in bn_modes.items():
-            cache = os.path.join(run_dir, f'panel_{eval_split}{images}{"" if len(panel) > 3 else "_small"}'
-                                          f'_bn{batches}.json')
-            rows = json.load(open(cache)) if os.path.isfile(cache) else None
-            if rows is None or not set(panel) <= {tuple(r['depths']) for r in rows}:  # none, or another panel
-                rows = analyze_checkpoints(
-                    [os.path.join(run_dir, 'last.pth.tar')], data, split=eval_split, panel=panel,
-                    max_images=max_images, labels=[f'{method} (seed {seed})'], recalibrate_bn=batches,
-                    batch_size=250, progress=False)
-                with open(cache, 'w') as f:
-                    json.dump(rows, f)
-            acc = {tuple(r['depths']): r['top1'] for r in rows}
-            entry['full'] = next(r['top1'] for r in rows if r['is_full'])
-            for key, ds in sets.items():
-                entry[key if mode == 'own' else f'{key}_fullbn'] = statistics.mean(acc[d] for d in ds)
-            if mode == 'own':
-                rows_by_run[(method, seed)] = rows
-        results.setdefault(method, {})[seed] = entry
-    return results, rows_by_run
+        results.setdefault(method, {})[seed] = score_run(method, seed, run_dir, data, eval_split, max_images,
+                                                         sets, bn_modes)
+    return results, {(m, s): e['rows'] for m, by_seed in results.items() for s, e in by_seed.items()}
+
+
+class RunStore:
+    """Finished runs' scores in one JSON file, so that a fresh machine (without the run folders) resumes
+    the protocol where the last session stopped: a run whose key is stored is neither trained nor scored
+    again. The key names everything that makes two runs comparable (method, seed, epochs, images per
+    class, eval split); a changed protocol gets new keys."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.records: Dict[str, dict] = json.load(open(path)) if os.path.isfile(path) else {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(method: str, seed: int, epochs: int, per_class: int, eval_split: str) -> str:
+        return f'{method}-s{seed}-e{epochs}-pc{per_class}-{eval_split}'
+
+    def get(self, key: str) -> Optional[dict]:
+        return self.records.get(key)
+
+    def put(self, key: str, record: dict) -> None:
+        with self._lock:
+            self.records[key] = record
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            tmp = self.path + '.tmp'
+            with open(tmp, 'w') as f:
+                json.dump(dict(sorted(self.records.items())), f, indent=1)
+            os.replace(tmp, self.path)
+
+
+def job_order(jobs: Dict[Tuple[str, int], tuple]) -> List[Tuple[str, int]]:
+    """The protocol's methods seed by seed (so a cut-off protocol leaves whole seeds), the longest
+    first within a seed; the extra variant ``stpp_norm_main`` after every seed of the others."""
+    return sorted(jobs, key=lambda j: (j[0] == 'stpp_norm_main', j[1], -jobs[j][2] * (2 if jobs[j][1] else 1)))
 
 
 def main() -> None:
@@ -343,6 +401,9 @@ def main() -> None:
     p.add_argument('--eval-split', default='test', choices=['test', 'holdout'])
     p.add_argument('--parallel', type=int, default=2)
     p.add_argument('--out', default=None, help='results markdown (default benchmarks/results/cifar10[_ablation].md)')
+    p.add_argument('--store', default=None, help='finished runs\' scores (default benchmarks/results/cifar10_runs.json; '
+                   'with --quick, in the work dir)')
+    p.add_argument('--report', action='store_true', help='only write the report from the stored runs')
     args = p.parse_args()
     results_dir = os.path.join(REPO, 'benchmarks', 'results')
     max_images, holdout = None, args.holdout or 100
@@ -362,29 +423,53 @@ def main() -> None:
     if args.ablation:
         jobs = {(name, 0): (f'{name}-s0', METHODS[m] + extra, epochs or args.epochs)
                 for name, (m, extra, epochs) in ABLATIONS.items()}
-    else:
-        jobs = {(m, s): (f'{m}-s{s}', METHODS[m], args.epochs) for s in args.seeds for m in args.methods}
-    # Longest first, so the last slot does not run a long job alone.
-    order = sorted(jobs, key=lambda j: -jobs[j][2] * (2 if jobs[j][1] else 1))
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {job: pool.submit(train, jobs[job][0], jobs[job][1], job[1], data, runs, jobs[job][2])
-                   for job in order}
-        run_dirs = {job: futures[job].result() for job in jobs}
-    print('[cifar10] evaluating sub-network panels', flush=True)
-    # The ablation is about the full network: its panel is only the stpp rule's and the smallest, scored
-    # with each sub-network's own BN only.
-    sets = {k: v for k, v in panels((3, 3, 3)).items() if k != 'uniform20'} if args.ablation else None
-    results, rows_by_run = evaluate(run_dirs, data, args.eval_split, max_images, sets,
-                                    {'own': BN_MODES['own']} if args.ablation else BN_MODES)
-    if args.ablation:
+        # The ablation is about the full network: its panel is only the stpp rule's and the smallest,
+        # scored with each sub-network's own BN only.
+        sets = {k: v for k, v in panels((3, 3, 3)).items() if k != 'uniform20'}
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            futures = {job: pool.submit(train, jobs[job][0], jobs[job][1], job[1], data, runs, jobs[job][2])
+                       for job in job_order(jobs)}
+            run_dirs = {job: futures[job].result() for job in jobs}
+        results, rows_by_run = evaluate(run_dirs, data, args.eval_split, max_images, sets, {'own': BN_MODES['own']})
         ablation_report(results, args.out, next(iter(rows_by_run.values()))[0]['images'], args)
         return
+    jobs = {(m, s): (f'{m}-s{s}', METHODS[m], args.epochs) for s in args.seeds for m in args.methods}
+    store = RunStore(args.store or (os.path.join(args.work_dir, 'cifar10_quick_runs.json') if args.quick
+                                    else os.path.join(results_dir, 'cifar10_runs.json')))
+    keys = {job: RunStore.key(job[0], job[1], args.epochs, args.per_class, args.eval_split) for job in jobs}
+    sets = panels((3, 3, 3))
+    torch_threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
+
+    def run_and_score(job: Tuple[str, int]) -> dict:
+        """Train (or resume) one run and score it at once, so that each finished run is stored."""
+        record = store.get(keys[job])
+        if record is None:
+            import torch
+            torch.set_num_threads(torch_threads)
+            run_dir = train(jobs[job][0], jobs[job][1], job[1], data, runs, jobs[job][2])
+            print(f'[cifar10] scoring {jobs[job][0]}', flush=True)
+            record = score_run(job[0], job[1], run_dir, data, args.eval_split, max_images, sets)
+            store.put(keys[job], record)
+            print(f"[cifar10] {jobs[job][0]}: full {record['full']:.2f}, stpp-rule {record['stpp']:.2f}", flush=True)
+        return record
+
+    if not args.report:
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            list(pool.map(run_and_score, job_order(jobs)))
+    results: Dict[str, Dict[int, dict]] = {}
+    for (m, s) in sorted(jobs, key=lambda j: (args.methods.index(j[0]), j[1])):
+        if store.get(keys[(m, s)]) is not None:
+            results.setdefault(m, {})[s] = store.get(keys[(m, s)])
+    missing = [jobs[j][0] for j in job_order(jobs) if store.get(keys[j]) is None]
+    if 'baseline' not in results:
+        sys.exit('cifar10.py: error: no baseline run is finished yet; nothing to report')
     from stim_timm.eval.plot import plot_loafing
     plot_path = os.path.splitext(args.out)[0] + '_loafing.png'
-    seed0 = [r for (m, s), rows in rows_by_run.items() if s == args.seeds[0] for r in rows]
-    plot_loafing(seed0, plot_path, title=f'{MODEL} on CIFAR-10, seed {args.seeds[0]}')
-    report(results, args.epochs, args.out, plot_path, args, eval_images=seed0[0]['images'],
-           timing=load_timing(args.work_dir))
+    seed0 = min(s for by_seed in results.values() for s in by_seed)
+    rows0 = [r for by_seed in results.values() if seed0 in by_seed for r in by_seed[seed0]['rows']]
+    plot_loafing(rows0, plot_path, title=f'{MODEL} on CIFAR-10, seed {seed0}')
+    report(results, args.epochs, args.out, plot_path, args, eval_images=rows0[0]['images'],
+           timing=load_timing(args.work_dir), missing=missing)
 
 
 if __name__ == '__main__':

@@ -12,8 +12,9 @@ Two recipes, as a user would run them:
 Every cell (recipe, method, epochs, seed) is one ``train_stim.py`` run of ``resnet20_cifar`` on
 200 training images per class; the last checkpoint is scored on the 10,000 test images. Cells run two
 at a time with one thread each, in the priority order of ``GRID`` (the comparisons the conclusion
-needs first). Resumable: finished cells are skipped, interrupted ones resume from ``last.pth.tar``,
-and each cell's score is cached in its run folder, so the grid can span sessions. At 30 epochs the
+needs first). Resumable across sessions and machines: each finished cell's score goes into
+``benchmarks/results/crossover_scores.json`` (committed), stored cells are never run again, and an
+interrupted cell resumes from its ``last.pth.tar`` where the run folder still exists. At 30 epochs the
 sub-networks the stpp rule samples (and the smallest) are scored too, with the full network's BN
 statistics and with BN re-estimated per sub-network, so both measurements of loafing are reported.
 """
@@ -22,6 +23,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -47,7 +49,7 @@ Cell = Tuple[str, str, int, int]  # recipe, method, epochs, seed
 def grid() -> List[Cell]:
     """All cells, most needed first: the tuned curve, its second seed at both ends, timm's defaults at
     both ends, cheap short-run variants (second seed, ST, late start), the late start and ST at length,
-    then the middle and the rest."""
+    timm's defaults' second seed at the longest length, then the middle and the rest."""
     cells: List[Cell] = []
     cells += [('tuned', m, e, 0) for e in LENGTHS for m in ('baseline', 'stpp')]
     cells += [('tuned', m, e, 1) for e in (10, 120) for m in ('baseline', 'stpp')]
@@ -57,9 +59,9 @@ def grid() -> List[Cell]:
     cells += [('default', m, 30, 0) for m in ('baseline', 'stpp')]
     cells += [('tuned', 'stpp_late', e, 0) for e in (30, 120)]
     cells += [('tuned', 'st', 120, 0)]
+    cells += [('default', m, 120, 1) for m in ('baseline', 'stpp')]
     cells += [('default', m, 60, 0) for m in ('baseline', 'stpp')]
     cells += [('tuned', 'stpp_late', 60, 0)]
-    cells += [('default', m, 120, 1) for m in ('baseline', 'stpp')]
     cells += [('tuned', 'stpp_late', e, 1) for e in (10, 120)]
     return cells
 
@@ -74,47 +76,69 @@ def method_flags(method: str, epochs: int) -> List[str]:
 
 
 def score(cell: Cell, run_dir: str, data: str) -> dict:
-    """Test top-1 of the last checkpoint (cached); at 30 epochs also the stpp-rule panel, both BN modes."""
+    """Test top-1 of the last checkpoint; at 30 epochs also the mean top-1 of the stpp rule's proper
+    sub-networks and of the smallest, with the full network's BN and with BN re-estimated per
+    sub-network (cached in the run folder)."""
     cache = os.path.join(run_dir, 'crossover_score.json')
     if os.path.isfile(cache):
         return json.load(open(cache))
     from stim_timm import SubnetSampler
     from stim_timm.cli.analyze import analyze_checkpoints
     ckpt = os.path.join(run_dir, 'last.pth.tar')
+    full = (3, 3, 3)
     panel: List[Tuple[int, ...]] = []
     if cell[2] == 30:
-        full = (3, 3, 3)
         panel = [c for c in SubnetSampler(full, 'stpp').candidates() if c != full] + [(1, 1, 1)]
-    out = {}
-    for bn, batches in (('full-network', 0), ('recalibrated', 2)):
+    out: dict = {}
+    for bn, batches in (('fullbn', 0), ('ownbn', 2)):
         rows = analyze_checkpoints([ckpt], data, split='test', panel=panel, recalibrate_bn=batches,
                                    batch_size=250, progress=False)
         out['full'] = next(r['top1'] for r in rows if r['is_full'])
-        out[bn] = {'-'.join(map(str, r['depths'])): r['top1'] for r in rows if not r['is_full']}
         if not panel:
             break
+        subs = {tuple(r['depths']): r['top1'] for r in rows if not r['is_full']}
+        out.setdefault('panel', {})[f'stpp_{bn}'] = statistics.mean(v for d, v in subs.items() if d != (1, 1, 1))
+        out['panel'][f'smallest_{bn}'] = subs[(1, 1, 1)]
     rows = summary_rows(run_dir)
     out['train_s_per_epoch'] = statistics.median(
         count_images(os.path.join(data, 'train')) / float(r['train_img_per_sec']) for r in rows)
+    out['source'] = 'run'
     with open(cache, 'w') as f:
         json.dump(out, f)
     return out
 
 
-def run_cell(cell: Cell, data: str, runs: str) -> Tuple[Cell, dict]:
-    recipe, method, epochs, seed = cell
-    run_dir = train(cell_name(cell), method_flags(method, epochs), seed, data, runs, epochs,
-                    schedule=RECIPES[recipe])
-    return cell, score(cell, run_dir, data)
+class ScoreStore:
+    """Every finished cell's score in one JSON file in the repo, keyed by cell name: a later session on a
+    fresh machine (no run folders) skips what is stored and runs only the missing cells."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.scores: Dict[str, dict] = json.load(open(path)) if os.path.isfile(path) else {}
+        self._lock = threading.Lock()
+
+    def get(self, cell: Cell) -> Optional[dict]:
+        return self.scores.get(cell_name(cell))
+
+    def put(self, cell: Cell, score: dict) -> None:
+        with self._lock:
+            self.scores[cell_name(cell)] = score
+            tmp = self.path + '.tmp'
+            with open(tmp, 'w') as f:
+                json.dump(dict(sorted(self.scores.items())), f, indent=1)
+            os.replace(tmp, self.path)
+
+    def done(self) -> Dict[Cell, dict]:
+        return {c: self.get(c) for c in grid() if self.get(c) is not None}
 
 
-def load_scores(runs: str) -> Dict[Cell, dict]:
-    done = {}
-    for cell in grid():
-        path = os.path.join(runs, cell_name(cell), 'crossover_score.json')
-        if os.path.isfile(path):
-            done[cell] = json.load(open(path))
-    return done
+def run_cell(cell: Cell, data: str, runs: str, store: ScoreStore) -> Tuple[Cell, dict]:
+    if store.get(cell) is None:
+        recipe, method, epochs, seed = cell
+        run_dir = train(cell_name(cell), method_flags(method, epochs), seed, data, runs, epochs,
+                        schedule=RECIPES[recipe])
+        store.put(cell, score(cell, run_dir, data))
+    return cell, store.get(cell)
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -142,7 +166,7 @@ def report(scores: Dict[Cell, dict], out_md: str, per_class: int) -> str:
                 gap = f'{statistics.mean(r["stpp"]) - statistics.mean(r["baseline"]):+.2f}'
             lines.append(f'| {e} | ' + ' | '.join(_fmt(r[m]) for m in methods) + f' | {gap} |')
         lines.append('')
-    panel_cells = {c: s for c, s in scores.items() if s.get('recalibrated')}
+    panel_cells = {c: s for c, s in scores.items() if s.get('panel')}
     if panel_cells:
         lines += ['## Sub-networks at 30 epochs: full-network BN vs BN re-estimated per sub-network', '',
                   'Mean top-1 of the proper sub-networks the stpp rule samples, and of the smallest (1-1-1); '
@@ -150,11 +174,9 @@ def report(scores: Dict[Cell, dict], out_md: str, per_class: int) -> str:
                   '| recipe | method | seed | full | stpp sub-nets, full BN | stpp sub-nets, own BN | '
                   'smallest, full BN | smallest, own BN |', '|---|---|---|---|---|---|---|---|']
         for c, s in sorted(panel_cells.items()):
-            def mean(bn):
-                return statistics.mean(v for k, v in s[bn].items() if k != '1-1-1')
-            lines.append(f'| {c[0]} | {c[1]} | {c[3]} | {s["full"]:.2f} | {mean("full-network"):.2f} | '
-                         f'{mean("recalibrated"):.2f} | {s["full-network"]["1-1-1"]:.2f} | '
-                         f'{s["recalibrated"]["1-1-1"]:.2f} |')
+            lines.append(f'| {c[0]} | {c[1]} | {c[3]} | {s["full"]:.2f} | ' + ' | '.join(
+                f'{s["panel"][k]:.2f}' for k in ('stpp_fullbn', 'stpp_ownbn', 'smallest_fullbn', 'smallest_ownbn'))
+                + ' |')
         lines.append('')
     text = '\n'.join(lines)
     with open(out_md, 'w') as f:
@@ -170,15 +192,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('--parallel', type=int, default=2)
     p.add_argument('--report', action='store_true', help='only write the table from finished cells')
     p.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results', 'crossover.md'))
+    p.add_argument('--store', default=os.path.join(REPO, 'benchmarks', 'results', 'crossover_scores.json'),
+                   help='finished cells\' scores (read to skip them, written as each cell finishes)')
     args = p.parse_args(argv)
-    data = prepare_data(args.data_dir, args.work_dir, args.per_class, holdout=100)
-    runs = os.path.join(args.work_dir, 'runs')
+    store = ScoreStore(args.store)
     if not args.report:
+        data = prepare_data(args.data_dir, args.work_dir, args.per_class, holdout=100)
+        runs = os.path.join(args.work_dir, 'runs')
+        torch_threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
+
+        def run(cell: Cell) -> Tuple[Cell, dict]:
+            import torch
+            torch.set_num_threads(torch_threads)
+            return run_cell(cell, data, runs, store)
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            for cell, s in pool.map(lambda c: run_cell(c, data, runs), grid()):
+            for cell, s in pool.map(run, grid()):
                 print(f'[crossover] {cell_name(cell)}: full {s["full"]:.2f}', flush=True)
-                report(load_scores(runs), args.out, args.per_class)
-    print(report(load_scores(runs), args.out, args.per_class))
+                report(store.done(), args.out, args.per_class)
+    print(report(store.done(), args.out, args.per_class))
 
 
 if __name__ == '__main__':

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import MINI_DATA, REPO
 
 
@@ -38,3 +40,27 @@ def test_quick_mode_trains_evaluates_and_reports(tmp_path):
     # A second invocation skips finished runs and reuses the cached panels.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and '[cifar10] start' not in again.stdout
+    # Scores persist in the store, so a fresh machine (no run folders) skips finished runs too.
+    store = json.loads((tmp_path / 'work' / 'cifar10_quick_runs.json').read_text())
+    assert sorted(store) == ['baseline-s0-e2-pc50-test', 'stpp-s0-e2-pc50-test']
+    assert store['stpp-s0-e2-pc50-test']['full'] == pytest.approx(float(
+        text.split('| stpp | `--stim-pp` | 1 | ')[1].split(' |')[0]), abs=0.005)
+    import shutil
+    shutil.rmtree(runs)
+    del store['stpp-s0-e2-pc50-test']
+    (tmp_path / 'work' / 'cifar10_quick_runs.json').write_text(json.dumps(store))
+    partial = subprocess.run(cmd + ['--report'], capture_output=True, text=True, timeout=300)
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    assert not runs.exists(), 'a --report must not train'
+    text = out.read_text()
+    assert '**Partial**: 1 run(s) of the protocol not finished yet (stpp-s0)' in text
+    assert '| baseline | `(none)` | 1 |' in text and '| stpp |' not in text
+
+
+def test_job_order_is_seed_major_with_the_extra_variant_last():
+    sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+    import cifar10
+    jobs = {(m, s): (f'{m}-s{s}', cifar10.METHODS[m], 30) for s in (0, 1) for m in cifar10.METHODS}
+    order = cifar10.job_order(jobs)
+    assert [s for _, s in order[:3]] == [0, 0, 0] and order[2] == ('baseline', 0)
+    assert [m for m, _ in order[-2:]] == ['stpp_norm_main', 'stpp_norm_main']
