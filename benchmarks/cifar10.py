@@ -177,7 +177,8 @@ def load_timing(work: str) -> Dict[str, float]:
 
 
 def report(results: Dict[str, Dict[int, dict]], epochs: int, out_md: str, plot_path: str, args,
-           eval_images: int, timing: Dict[str, float], missing: Sequence[str] = ()) -> None:
+           eval_images: int, timing: Dict[str, float], missing: Sequence[str] = (),
+           store_path: str = '') -> None:
     base_epoch = statistics.mean(r['epoch_s'] for r in results['baseline'].values())
     alone = '| s / epoch alone | alone vs baseline ' if timing else ''
     lines = [
@@ -185,12 +186,12 @@ def report(results: Dict[str, Dict[int, dict]], epochs: int, out_md: str, plot_p
         f'Produced by `python benchmarks/cifar10.py --data-dir DIR{" --quick" if args.quick else ""}` '
         f'({MODEL}, {args.per_class} training images per class, {epochs} epochs, SGD + cosine, crop+flip; '
         f'evaluated on {eval_images:,} {"test" if args.eval_split == "test" else "held-out training"} images; '
-        f'seeds {", ".join(map(str, args.seeds))}; {args.parallel} run(s) at a time, 1 thread each, '
+        f'seeds {", ".join(map(str, args.seeds))}; each run on 1 thread beside one other training, '
         f'{os.cpu_count()}-core CPU).', '',
     ]
     if missing:
         lines += [f'**Partial**: {len(missing)} run(s) of the protocol not finished yet ({", ".join(missing)}); '
-                  'the same command resumes them (finished runs are kept in `benchmarks/results/cifar10_runs.json`). '
+                  f'the same command resumes them (finished runs are kept in `{os.path.relpath(store_path, REPO)}`). '
                   'The seeds column says how many runs each row averages.', '']
     lines += [
         '| method | flags | seeds | full top-1 | uniform panel (20) top-1 | stpp-rule sub-nets top-1 | smallest top-1 '
@@ -213,8 +214,8 @@ def report(results: Dict[str, Dict[int, dict]], epochs: int, out_md: str, plot_p
               'picks them), *stpp-rule* = the proper sub-networks the stpp rule can sample, '
               '*smallest* = one block per stage.', '',
               '*As run*: median training seconds per epoch (the loop\'s own img/s, data loading included, '
-              'validation not) of the protocol\'s runs, which shared the machine two at a time and with other '
-              'work, and their total wall clock including validation.'
+              'validation not) of the protocol\'s runs, which shared the machine with one other training '
+              '(and whatever else ran), and their total wall clock including validation.'
               + (' *Alone*: each method trained 2 epochs with one thread on an otherwise idle machine '
                  '(`--timing`), seconds of the second epoch; the cost target is judged on this.' if timing else ''),
               '', f'![loafing]({os.path.relpath(plot_path, os.path.dirname(out_md))})', '']
@@ -469,7 +470,7 @@ def main() -> None:
     rows0 = [r for by_seed in results.values() if seed0 in by_seed for r in by_seed[seed0]['rows']]
     plot_loafing(rows0, plot_path, title=f'{MODEL} on CIFAR-10, seed {seed0}')
     report(results, args.epochs, args.out, plot_path, args, eval_images=rows0[0]['images'],
-           timing=load_timing(args.work_dir), missing=missing)
+           timing=load_timing(args.work_dir), missing=missing, store_path=store.path)
 
 
 if __name__ == '__main__':
