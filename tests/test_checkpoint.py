@@ -126,3 +126,28 @@ def test_run_folder_summary_is_atomic_and_resumable(tmp_path):
     folder.truncate_summary(1)
     assert [r['epoch'] for r in folder.summary()] == ['0'] and os.listdir(tmp_path) == ['summary.csv']
     assert RunFolder.containing(str(tmp_path / 'model.safetensors')).path == str(tmp_path)
+
+
+def test_run_train_transform_is_the_runs_own_augmentation(mini_data):
+    """BN re-estimation must see the images the run trained on, not timm's default augmentation
+    (RandomResizedCrop 0.08-1 and colour jitter 0.4 shifted the statistics: a CIFAR ResNet-20's
+    3-3-2 sub-network scored 61.8 % instead of 69.6 %)."""
+    from timm.data import resolve_data_config
+    from stim_timm.eval.evaluate import eval_loader
+    from stim_timm.run.checkpoint import run_train_transform
+    args = {'scale': [0.64, 1.0], 'ratio': [0.9, 1.11], 'hflip': 0.5, 'vflip': 0.0, 'color_jitter': 0.0,
+            'aa': None, 'reprob': 0.0, 'remode': 'pixel', 'recount': 1, 'train_interpolation': 'bicubic',
+            'train_crop_size': 24, 'no_aug': False, 'lr': 0.1}
+    config = resolve_data_config(args={'input_size': (3, 32, 32)})
+    kwargs = run_train_transform(args, config)
+    assert kwargs == {'scale': (0.64, 1.0), 'ratio': (0.9, 1.11), 'hflip': 0.5, 'vflip': 0.0,
+                      'color_jitter': 0.0, 're_prob': 0.0, 're_mode': 'pixel', 're_count': 1,
+                      'no_aug': False, 'input_size': (3, 24, 24), 'interpolation': 'bicubic'}
+    loader = eval_loader(mini_data, 'train', config, 4, 0, training=True, train_transform=kwargs)
+    crop = loader.dataset.transform.transforms[0]
+    assert crop.scale == (0.64, 1.0) and crop.ratio == (0.9, 1.11) and crop.size == (24, 24)
+    assert next(iter(loader))[0].shape == (4, 3, 24, 24)
+    # Bare weights (no run args): timm's training defaults, as before.
+    assert run_train_transform(None, config) == {}
+    default = eval_loader(mini_data, 'train', config, 4, 0, training=True).dataset.transform.transforms[0]
+    assert default.scale == (0.08, 1.0)

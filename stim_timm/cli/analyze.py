@@ -26,7 +26,7 @@ from ..eval.flops import subnet_flops
 from ..eval.plot import plot_loafing
 from ..method.sampling import SubnetSampler, parse_panel
 from ..models.subnet import format_depths, get_stim_model, validate_depths
-from ..run.checkpoint import CheckpointError, load_trained_model, run_data_config
+from ..run.checkpoint import CheckpointError, load_trained_model, run_data_config, run_train_transform
 
 __all__ = ['analyze_checkpoints', 'write_results', 'main']
 
@@ -105,7 +105,8 @@ def analyze_checkpoints(
         calib = None
         if recalibrate_bn > 0 and bn_layers(model):
             train_loader = eval_loader(data_dir, train_split, data_config, batch_size, workers, None, seed,
-                                        shuffle=True, training=True)
+                                        shuffle=True, training=True,
+                                        train_transform=run_train_transform(weights.args, data_config))
             calib = [x for _, (x, _) in zip(range(recalibrate_bn), train_loader)]
             model = copy.deepcopy(model)  # BN buffers get rewritten: never on the loaded weights
         results = evaluate(model, loader, chosen, calib, progress=progress, desc=label)

@@ -15,19 +15,20 @@ from ..models.subnet import format_depths, get_stim_model, parse_depths, validat
 from ..publish.card import write_card
 from ..publish.export import export_card, export_subnet, needs_plugin, plain_architecture, save_plain_model
 from ..publish.hub import HubError, upload_folder
-from ..run.checkpoint import CheckpointError, load_trained_model, run_data_config
+from ..run.checkpoint import CheckpointError, load_trained_model, run_data_config, run_train_transform
 
 __all__ = ['main']
 
 
-def _reestimate_subnet_bn(model: nn.Module, depths: Tuple[int, ...], args, data_config: Dict[str, Any]) -> int:
+def _reestimate_subnet_bn(model: nn.Module, depths: Tuple[int, ...], args, data_config: Dict[str, Any],
+                          run_args: Optional[Dict[str, Any]] = None) -> int:
     """The loaded model's BN statistics become sub-network ``depths``' own (training images and
     transforms, ``stim_timm.eval.bn``); the checkpoint on disk is not touched."""
     if args.batch_size < 1:
         raise ValueError('--batch-size must be >= 1')
     validate_depths(depths, get_stim_model(model).stage_depths)
     loader = eval_loader(args.data_dir, args.train_split, data_config, args.batch_size, 0, shuffle=True,
-                          training=True)
+                          training=True, train_transform=run_train_transform(run_args, data_config))
     batches = [x for _, (x, _) in zip(range(args.bn_batches), loader)]
     return reestimate_bn(model, batches, depths)
 
@@ -57,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model, weights = load_trained_model(args.checkpoint, args.model, args.num_classes)
         model.eval()
         if args.data_dir and args.bn_batches > 0:
-            seen = _reestimate_subnet_bn(model, depths, args, run_data_config(model, weights.args))
+            seen = _reestimate_subnet_bn(model, depths, args, run_data_config(model, weights.args), weights.args)
             print(f're-estimated the BN statistics of sub-network {list(depths)} on {seen} training images')
         plain = export_subnet(model, depths)
         os.makedirs(args.out, exist_ok=True)

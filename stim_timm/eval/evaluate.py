@@ -31,8 +31,12 @@ Depths = Tuple[int, ...]
 
 def eval_loader(data_dir: str, split: str, data_config: Dict[str, Any], batch_size: int, workers: int,
                  max_images: Optional[int] = None, seed: int = 0, shuffle: bool = False,
-                 training: bool = False) -> DataLoader:
-    """timm dataset with timm's eval (or train) transform; ``max_images`` keeps a fixed random subset."""
+                 training: bool = False, train_transform: Optional[Dict[str, Any]] = None) -> DataLoader:
+    """timm dataset with timm's eval (or train) transform; ``max_images`` keeps a fixed random subset.
+
+    ``train_transform``: ``create_transform`` keywords over ``data_config`` when ``training`` (the
+    run's own augmentation, ``run.checkpoint.run_train_transform``); without them, timm's defaults.
+    """
     if not os.path.isdir(data_dir):
         raise ValueError(f'{data_dir}: no such data folder')
     _check_split(data_dir, split)
@@ -44,8 +48,10 @@ def eval_loader(data_dir: str, split: str, data_config: Dict[str, Any], batch_si
         raise ValueError(f'{data_dir}: no images for split {split!r}')
     if training:
         torch.manual_seed(seed)  # the training transform's random crops and flips (workers=0)
-    dataset.transform = create_transform(**{k: v for k, v in data_config.items() if k != 'test_input_size'},
-                                         is_training=training)
+    kwargs = {k: v for k, v in data_config.items() if k != 'test_input_size'}
+    if training:
+        kwargs.update(train_transform or {})
+    dataset.transform = create_transform(**kwargs, is_training=training)
     if max_images is not None and max_images < len(dataset):
         g = torch.Generator().manual_seed(seed)
         dataset = Subset(dataset, torch.randperm(len(dataset), generator=g)[:max_images].sort().values.tolist())

@@ -20,7 +20,7 @@ from .folder import RunFolder
 from .io import atomic_write, one_line
 
 __all__ = ['CheckpointError', 'TrainedWeights', 'resolve_weights', 'load_trained_model', 'atomic_torch_save',
-           'atomic_save_safetensors', 'read_torch_checkpoint', 'run_data_config']
+           'atomic_save_safetensors', 'read_torch_checkpoint', 'run_data_config', 'run_train_transform']
 
 # The data flags of a run that set its eval preprocessing.
 _DATA_ARGS = ('input_size', 'img_size', 'in_chans', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
@@ -153,3 +153,26 @@ def run_data_config(model: nn.Module, run_args: Optional[Dict[str, Any]] = None)
     if isinstance(args.get('input_size'), (list, tuple)):
         args['input_size'] = tuple(args['input_size'])
     return resolve_data_config(args=args, model=model)
+
+
+# train_stim.py flag -> timm create_transform keyword, for the training augmentation of a run.
+_TRAIN_AUG_ARGS = {'scale': 'scale', 'ratio': 'ratio', 'hflip': 'hflip', 'vflip': 'vflip',
+                   'color_jitter': 'color_jitter', 'color_jitter_prob': 'color_jitter_prob',
+                   'grayscale_prob': 'grayscale_prob', 'gaussian_blur_prob': 'gaussian_blur_prob',
+                   'aa': 'auto_augment', 'reprob': 're_prob', 'remode': 're_mode', 'recount': 're_count',
+                   'train_crop_mode': 'train_crop_mode', 'no_aug': 'no_aug'}
+
+
+def run_train_transform(run_args: Optional[Dict[str, Any]], data_config: Dict[str, Any]) -> Dict[str, Any]:
+    """timm ``create_transform`` keywords for the run's *training* augmentation (crop scale, flips,
+    jitter, auto-augment, erasing, train crop size and interpolation), so that re-estimated BN
+    statistics see the images the full network's statistics were collected on. Without run args
+    (bare weights): timm's training defaults. PCA lighting (``--lighting``) is not applied."""
+    args = {k: v for k, v in (run_args or {}).items() if v is not None}
+    out: Dict[str, Any] = {_TRAIN_AUG_ARGS[k]: (tuple(v) if isinstance(v, list) else v)
+                           for k, v in args.items() if k in _TRAIN_AUG_ARGS}
+    if args.get('train_crop_size'):
+        out['input_size'] = (data_config['input_size'][0], int(args['train_crop_size']), int(args['train_crop_size']))
+    if args.get('train_interpolation') and not args.get('no_aug'):
+        out['interpolation'] = args['train_interpolation']
+    return out
