@@ -9,7 +9,7 @@ and plots top-1 against relative FLOPs, one colour per checkpoint.
 
 Outputs in ``--out``: ``subnets.csv``, ``subnets.json`` (``{"meta": ..., "rows": [...]}``) and
 ``loafing.png``. Each sub-network is evaluated with its own BN statistics, re-estimated (on a copy of
-the model) from ``--recalibrate-bn B`` training batches with training transforms (default 2;
+the model) from ``--recalibrate-bn B`` training batches with the run's own training augmentation (default 2;
 ``0``: the full network's statistics, which understate every sub-network).
 """
 import argparse
@@ -161,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--labels', nargs='+', default=None, help='legend labels, one per checkpoint')
     parser.add_argument('--recalibrate-bn', type=int, default=2, metavar='BATCHES',
                         help="re-estimate BN statistics of each sub-network on BATCHES training batches "
-                             "(training transforms; default 2; 0: the full network's statistics)")
+                             "(the run's training augmentation; default 2; 0: the full network's statistics)")
     parser.add_argument('--train-split', default='train', help='split used by --recalibrate-bn')
     parser.add_argument('--max-images', type=int, default=None, help='evaluate a fixed random subset')
     parser.add_argument('-b', '--batch-size', type=int, default=128)
