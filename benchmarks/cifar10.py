@@ -29,6 +29,7 @@ use the held-out images too, for choosing hyper-parameters.
 """
 import argparse
 import csv
+import fcntl
 import json
 import os
 import statistics
@@ -312,8 +313,9 @@ def score_run(method: str, seed: int, run_dir: str, data: str, eval_split: str, 
     train_images = count_images(os.path.join(data, 'train'))
     images = os.path.basename(data).partition('_h')[2] if eval_split == 'holdout' else ''
     last = summary_rows(run_dir)[-1]
+    wall = os.path.join(run_dir, 'wall_clock.json')  # absent when the driver was stopped mid-run
     entry = {'method': method, 'seed': seed, 'epochs': len(summary_rows(run_dir)),
-             'wall_s': json.load(open(os.path.join(run_dir, 'wall_clock.json')))['wall_s'],
+             'wall_s': json.load(open(wall))['wall_s'] if os.path.isfile(wall) else None,
              'epoch_s': statistics.median(train_seconds_per_epoch(run_dir, train_images)),
              'train_loss': float(last['train_loss']), 'train_kl': float(last['train_kl_loss'])}
     for mode, batches in bn_modes.items():
@@ -371,9 +373,13 @@ class RunStore:
         return self.records.get(key)
 
     def put(self, key: str, record: dict) -> None:
-        with self._lock:
+        """Add one record; what other processes stored meanwhile is kept (read-merge-write under a lock)."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with self._lock, open(self.path + '.lock', 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.isfile(self.path):
+                self.records.update({k: v for k, v in json.load(open(self.path)).items() if k != key})
             self.records[key] = record
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             tmp = self.path + '.tmp'
             with open(tmp, 'w') as f:
                 json.dump(dict(sorted(self.records.items())), f, indent=1)

@@ -64,3 +64,14 @@ def test_job_order_is_seed_major_with_the_extra_variant_last():
     order = cifar10.job_order(jobs)
     assert [s for _, s in order[:3]] == [0, 0, 0] and order[2] == ('baseline', 0)
     assert [m for m, _ in order[-2:]] == ['stpp_norm_main', 'stpp_norm_main']
+
+
+def test_run_store_keeps_what_another_process_stored(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+    import cifar10
+    path = str(tmp_path / 'runs.json')
+    a, b = cifar10.RunStore(path), cifar10.RunStore(path)  # both opened before either wrote
+    a.put('stpp-s0-e30-pc500-test', {'full': 1.0})
+    b.put('baseline-s1-e30-pc500-test', {'full': 2.0})
+    assert json.loads((tmp_path / 'runs.json').read_text()) == {
+        'baseline-s1-e30-pc500-test': {'full': 2.0}, 'stpp-s0-e30-pc500-test': {'full': 1.0}}
