@@ -23,12 +23,11 @@ import json
 import os
 import statistics
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cifar10 import REPO, SCHEDULE, count_images, mean_std, prepare_data, summary_rows, train  # noqa: E402
+from cifar10 import REPO, SCHEDULE, RunStore, count_images, mean_std, prepare_data, summary_rows, train  # noqa: E402
 
 MEASURE = ['-j', '1', '--log-interval', '1000', '--stim-eval-subnets', '0', '--validation-batch-size', '500']
 RECIPES: Dict[str, List[str]] = {
@@ -108,25 +107,16 @@ def score(cell: Cell, run_dir: str, data: str) -> dict:
     return out
 
 
-class ScoreStore:
-    """Every finished cell's score in one JSON file in the repo, keyed by cell name: a later session on a
-    fresh machine (no run folders) skips what is stored and runs only the missing cells."""
+class ScoreStore(RunStore):
+    """Every finished cell's score in one JSON file in the repo (``cifar10.py``'s locked store, keyed by
+    cell name): a later session on a fresh machine (no run folders) skips what is stored and runs only
+    the missing cells."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.scores: Dict[str, dict] = json.load(open(path)) if os.path.isfile(path) else {}
-        self._lock = threading.Lock()
+    def get(self, cell: Cell) -> Optional[dict]:  # type: ignore[override]
+        return super().get(cell_name(cell))
 
-    def get(self, cell: Cell) -> Optional[dict]:
-        return self.scores.get(cell_name(cell))
-
-    def put(self, cell: Cell, score: dict) -> None:
-        with self._lock:
-            self.scores[cell_name(cell)] = score
-            tmp = self.path + '.tmp'
-            with open(tmp, 'w') as f:
-                json.dump(dict(sorted(self.scores.items())), f, indent=1)
-            os.replace(tmp, self.path)
+    def put(self, cell: Cell, score: dict) -> None:  # type: ignore[override]
+        super().put(cell_name(cell), score)
 
     def done(self) -> Dict[Cell, dict]:
         return {c: self.get(c) for c in grid() if self.get(c) is not None}
