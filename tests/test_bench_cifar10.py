@@ -12,31 +12,40 @@ from conftest import MINI_DATA, REPO
 def test_quick_mode_trains_evaluates_and_reports(tmp_path):
     script = os.path.join(REPO, 'benchmarks', 'cifar10.py')
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    # The clean timing pass: each method alone, 2 epochs; the report then judges cost on it.
+    # The clean timing pass: the methods alone, 2 epochs, in 2 interleaved rounds, stored in one file.
+    timing_file = tmp_path / 'timing.json'
     timing = subprocess.run([sys.executable, script, '--data-dir', MINI_DATA, '--timing', '--per-class', '10',
-                             '--methods', 'baseline', 'stpp', '--work-dir', str(tmp_path / 'work')],
+                             '--methods', 'baseline', 'stpp', '--work-dir', str(tmp_path / 'work'),
+                             '--timing-file', str(timing_file)],
                             capture_output=True, text=True, timeout=600, env=env)
     assert timing.returncode == 0, timing.stdout[-2000:] + timing.stderr[-2000:]
-    secs = json.loads((tmp_path / 'work' / 'runs_timing' / 'timing.json').read_text())
-    assert sorted(secs) == ['baseline', 'stpp'] and all(v > 0 for v in secs.values())
+    record = json.loads(timing_file.read_text())
+    assert record['train_images'] == 100 and record['epochs'] == 2
+    assert sorted(record['seconds']) == ['baseline', 'stpp']
+    assert all(len(v) == 2 and min(v) > 0 for v in record['seconds'].values())
+    assert sorted(os.listdir(tmp_path / 'work' / 'runs_timing')) == ['baseline-r0', 'baseline-r1', 'stpp-r0', 'stpp-r1']
+    # The report judges cost on a timing of its own training set (the quick mode's 500 images): the
+    # median of per-round ratios, each against the same round's baseline.
+    record = {'train_images': 500, 'epochs': 2, 'seconds': {'baseline': [10.0, 12.0, 20.0], 'stpp': [15.0, 19.2, 28.0]}}
+    timing_file.write_text(json.dumps(record))
+    ratio = 1.5  # per round 1.50, 1.60, 1.40
 
     out = tmp_path / 'cifar10.md'
     cmd = [sys.executable, script, '--data-dir', MINI_DATA, '--quick', '--work-dir', str(tmp_path / 'work'),
-           '--out', str(out)]
+           '--out', str(out), '--timing-file', str(timing_file)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = out.read_text()
     assert '| baseline | `(none)` |' in text and '| stpp | `--stim-pp` |' in text
     assert 'evaluated on 200 test images' in text
-    ratio = secs['stpp'] / secs['baseline']
-    assert f'- ST++ time per epoch vs baseline (alone): {ratio:.2f}x' in text
+    assert f'- ST++ time per epoch vs baseline (alone, median of rounds): {ratio:.2f}x' in text
+    assert text.split('| stpp | `--stim-pp` |')[1].split('\n')[0].endswith('| 19.2 (15.0-28.0) | 1.50x (1.40-1.60) |')
     assert (tmp_path / 'cifar10_loafing.png').stat().st_size > 10_000
     runs = tmp_path / 'work' / 'runs_quick'
     assert sorted(os.listdir(runs)) == ['baseline-s0', 'stpp-s0']
     # Sub-networks scored both ways: own BN (the table) and the full network's BN (the second table).
     assert "### The same sub-networks with the full network's BN statistics" in text
     assert all((runs / r / f'panel_test_bn{b}.json').is_file() for r in ('baseline-s0', 'stpp-s0') for b in (0, 2))
-    assert (tmp_path / 'work' / 'runs_timing' / 'stpp-s0' / 'summary.csv').is_file()
     # A second invocation skips finished runs and reuses the cached panels.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and '[cifar10] start' not in again.stdout
@@ -75,3 +84,15 @@ def test_run_store_keeps_what_another_process_stored(tmp_path):
     b.put('baseline-s1-e30-pc500-test', {'full': 2.0})
     assert json.loads((tmp_path / 'runs.json').read_text()) == {
         'baseline-s1-e30-pc500-test': {'full': 2.0}, 'stpp-s0-e30-pc500-test': {'full': 1.0}}
+
+
+def test_a_timing_of_another_training_set_is_not_used(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+    import cifar10
+    path = tmp_path / 't.json'
+    assert cifar10.load_timing(str(path), 5000) == {}
+    record = {'train_images': 100, 'epochs': 2, 'seconds': {'baseline': [1.0], 'stpp': [1.5]}}
+    path.write_text(json.dumps(record))
+    assert cifar10.load_timing(str(path), 5000) == {}
+    assert cifar10.load_timing(str(path), 100) == record
+    assert cifar10.timing_ratios(record, 'stpp') == [1.5]
