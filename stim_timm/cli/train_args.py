@@ -268,8 +268,8 @@ def _stim_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         'Stimulative training (no stim flag: plain timm training, the baseline)',
         'ST/ST++ pays off with training length: on 2,000 CIFAR-10 images (ResNet-20, tuned recipe) ST++ cost 1.4 '
-        'top-1 at 10 epochs and gained 1.5 to 3.9 from 30 to 120, but with timm\'s default flags (still under-fitted) '
-        'it trailed even at 120 (benchmarks/results/crossover.md): under-fitted runs can lose.')
+        'top-1 at 10 epochs and gained 1.5 to 3.9 from 30 to 120; with timm\'s default flags (still under-fitted) '
+        'it trailed by 2.5 at 10 and was level at 120 (benchmarks/results/crossover.md): under-fitted runs can lose.')
     _add(g, '--stim', action='store_true', default=False, help='ST: KL between full and sampled sub-networks')
     _add(g, '--stim-kl-minus', action='store_true', default=False, help="the stpp preset's KL- loss (implies --stim)")
     _add(g, '--stim-pp', action='store_true', default=False,
