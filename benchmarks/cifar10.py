@@ -51,6 +51,8 @@ METHODS: Dict[str, List[str]] = {
     'stpp': ['--stim-pp'],
     'stpp_norm_main': ['--stim-pp', '--stim-norm-main'],
 }
+PROTOCOL_SEEDS = (0, 1, 2)
+
 # The investigation of the full-network result (``--ablation``): name -> (method, extra flags, epochs or
 # None for the protocol's). Variants equal to the protocol reuse its seed-0 runs.
 ABLATIONS: Dict[str, Tuple[str, List[str], Optional[int]]] = {
@@ -429,7 +431,8 @@ def main() -> None:
     mode.add_argument('--timing', action='store_true', help='per-epoch cost of each method run alone')
     mode.add_argument('--ablation', action='store_true', help='schedule length / KL weight variants, seed 0')
     p.add_argument('--epochs', type=int, default=30)
-    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--seeds', type=int, nargs='+', default=list(PROTOCOL_SEEDS),
+                   help='what to train now; the report covers these and the protocol\'s seeds 0, 1, 2')
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS),
                    help='what to train now; the report covers every stored method of the protocol')
     p.add_argument('--per-class', type=int, default=500)
@@ -500,8 +503,10 @@ def main() -> None:
     if not args.report:
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             list(pool.map(run_and_score, job_order(jobs)))
-    # The report covers the whole protocol, whatever this invocation trained: `--methods st` adds ST's
-    # runs to a report that keeps the baseline and ST++ already stored.
+    # The report covers the whole protocol, whatever this invocation trained: `--methods st --seeds 2`
+    # adds one run to a report that keeps every run already stored.
+    if not args.quick:
+        args.seeds = sorted(set(PROTOCOL_SEEDS) | set(args.seeds))
     wanted = {(m, s): f'{m}-s{s}' for s in args.seeds for m in protocol}
     stored = {job: store.get(RunStore.key(job[0], job[1], args.epochs, args.per_class, args.eval_split))
               for job in wanted}

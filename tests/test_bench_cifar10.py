@@ -64,17 +64,18 @@ def test_quick_mode_trains_evaluates_and_reports(tmp_path):
     text = out.read_text()
     assert '**Partial**: 1 run(s) of the protocol not finished yet (stpp-s0)' in text
     assert '| baseline | `(none)` | 1 |' in text and '| stpp |' not in text
-    # --methods selects what trains, not what the report covers: a report for ST alone keeps the stored
-    # baseline (same protocol key), and lists every unfinished method of the protocol.
+    # --methods and --seeds select what trains, not what the report covers: a report for ST seed 1 keeps
+    # the stored seed-0 baseline (same protocol key) and lists every unfinished run of the protocol.
     full_cmd = [sys.executable, script, '--data-dir', MINI_DATA, '--work-dir', str(tmp_path / 'work'),
-                '--per-class', '50', '--holdout', '10', '--epochs', '2', '--seeds', '0', '--methods', 'st',
+                '--per-class', '50', '--holdout', '10', '--epochs', '2', '--seeds', '1', '--methods', 'st',
                 '--timing-file', str(timing_file), '--report']
     sel = subprocess.run(full_cmd + ['--store', str(tmp_path / 'work' / 'cifar10_quick_runs.json'),
                                      '--out', str(tmp_path / 'sel.md')], capture_output=True, text=True, timeout=300)
     assert sel.returncode == 0, sel.stderr[-2000:]
     text = (tmp_path / 'sel.md').read_text()
     assert '| baseline | `(none)` | 1 |' in text
-    assert 'not finished yet (st-s0, stpp-s0, stpp_norm_main-s0)' in text
+    assert 'seeds 0, 1, 2;' in text
+    assert '**Partial**: 11 run(s) of the protocol not finished yet (st-s0, stpp-s0, baseline-s1, ' in text
     # Without a stored baseline there is nothing to compare with: no report, a one-line reason, exit 0.
     none = subprocess.run(full_cmd + ['--store', str(tmp_path / 'empty.json'), '--out', str(tmp_path / 'none.md')],
                           capture_output=True, text=True, timeout=300)
