@@ -1,8 +1,8 @@
-"""Bad input fails before any work: each case is refused by the preflight with one full line, in well
-under a second (benchmarks/bad_inputs.py times the whole command line, imports included)."""
+"""Bad input fails before any work: each case is refused by the preflight with one full line, and
+nothing is written. How fast is a benchmark's question (benchmarks/bad_inputs.py times the whole command
+line, imports included): a wall-clock bound here failed on a loaded CI machine."""
 import os
 import pickle
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -115,14 +115,11 @@ def test_bad_input_fails_in_the_preflight(case, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default ./output/train is inside tmp_path
     make, message = CASES[case]
     args, _ = parse_args(BASE + make(tmp_path))
-    start = time.perf_counter()
     with pytest.raises(BadInput) as e:
         preflight(args, builtin_defaults())
-    elapsed = time.perf_counter() - start
     text = str(e.value)
     assert '\n' not in text and text.startswith(message), text
     assert DETAILS.get(case, '') in text
-    assert elapsed < 1.0, f'{case}: {elapsed:.2f}s'
     assert not (tmp_path / 'PWNED').exists()  # a malicious pickle never runs
     assert not (tmp_path / 'output').exists()  # nothing written
 
