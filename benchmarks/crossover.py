@@ -40,6 +40,8 @@ METHODS: Dict[str, List[str]] = {
     'st': ['--stim'],
     # ST++ with the sub-network loss only from a quarter of the schedule on (plain CE before).
     'stpp_late': ['--stim-pp', '--stim-start-epoch', '{quarter}'],
+    # ST++ with the sub-network loss weight ramped linearly from 0 over the first quarter.
+    'stpp_ramp': ['--stim-pp', '--stim-warmup-epochs', '{quarter}'],
 }
 LENGTHS = (10, 30, 60, 120)
 Cell = Tuple[str, str, int, int]  # recipe, method, epochs, seed
@@ -48,7 +50,8 @@ Cell = Tuple[str, str, int, int]  # recipe, method, epochs, seed
 def grid() -> List[Cell]:
     """All cells, most needed first: the tuned curve, its second seed at both ends, timm's defaults at
     both ends, cheap short-run variants (second seed, ST, late start), the late start and ST at length,
-    timm's defaults' second seed at the longest length, then the middle and the rest."""
+    timm's defaults' second seed at the longest length, then the middle and the rest; last the KL-weight
+    ramp (both ends with 2 seeds, then the middle)."""
     cells: List[Cell] = []
     cells += [('tuned', m, e, 0) for e in LENGTHS for m in ('baseline', 'stpp')]
     cells += [('tuned', m, e, 1) for e in (10, 120) for m in ('baseline', 'stpp')]
@@ -62,6 +65,8 @@ def grid() -> List[Cell]:
     cells += [('default', m, 60, 0) for m in ('baseline', 'stpp')]
     cells += [('tuned', 'stpp_late', 60, 0)]
     cells += [('tuned', 'stpp_late', e, 1) for e in (10, 120)]
+    cells += [('tuned', 'stpp_ramp', e, s) for e in (10, 120) for s in (0, 1)]
+    cells += [('tuned', 'stpp_ramp', e, 0) for e in (60, 30)]
     return cells
 
 

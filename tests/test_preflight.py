@@ -62,6 +62,8 @@ CASES: Dict[str, Tuple[Callable[[Path], List[str]], str]] = {
     'negative_weight': (lambda t: ['--stim', '--stim-weight', '-1'], '--stim-weight must be in [0, inf], got -1.0'),
     'zero_subnets': (lambda t: ['--stim-pp', '--stim-subnets', '0'], '--stim-subnets 0 trains no sub-network'),
     'epochs_0': (lambda t: ['--epochs', '0'], '--epochs must be in [1, inf], got 0'),
+    'negative_stim_warmup': (lambda t: ['--stim', '--stim-warmup-epochs', '-1'],
+                             '--stim-warmup-epochs must be in [0, inf], got -1'),
     'negative_batch': (lambda t: ['-b', '-4'], '--batch-size must be in [1, inf], got -4'),
     'negative_workers': (lambda t: ['-j', '-1'], '--workers must be in [0, inf], got -1'),
     'bad_probability': (lambda t: ['--hflip', '1.5'], '--hflip must be in [0, 1], got 1.5'),

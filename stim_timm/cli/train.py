@@ -151,6 +151,10 @@ def setup(args, pre: Preflight, parser=None) -> TrainRun:
         global_batch = (batch or args.batch_size) * args.world_size * args.grad_accum_steps
         scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
         args.lr = args.lr_base * (global_batch / args.lr_base_size) ** (0.5 if scale == 'sqrt' else 1.0)
+    updates_per_epoch = (len(train_loader) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    if is_stim and args.stim_warmup_epochs:
+        opts.update(weight_warmup=args.stim_warmup_epochs * updates_per_epoch,
+                    weight_warmup_start=args.stim_start_epoch * updates_per_epoch)
     verbose = utils.is_primary(args)
     criterion = train_loss(args).to(device)
     if args.kd_model_name:  # timm's distillation task; with ST the sub-networks follow the distilled student
@@ -168,7 +172,6 @@ def setup(args, pre: Preflight, parser=None) -> TrainRun:
     loss_scaler = NativeScaler(device=device.type) if args.amp and device.type == 'cuda' and \
         amp_dtype == torch.float16 else None
     eval_metric = args.eval_metric if eval_loader is not None else 'loss'
-    updates_per_epoch = (len(train_loader) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=eval_metric == 'loss'),
         updates_per_epoch=updates_per_epoch)

@@ -75,6 +75,10 @@ class StimTask(TrainingTask):
         temperature: KL temperature T (the loss is multiplied by T^2).
         amplitude: scale of the normalised logits for KL- (and for ``norm_main``).
         weight: weight of the sub-network loss.
+        weight_warmup: optimizer updates over which the weight ramps linearly up to ``weight``
+            (update ``weight_warmup_start + i`` uses ``weight * (i + 1) / weight_warmup``); 0: no ramp.
+            Keyed to ``step`` like the sub-networks, so a resumed run continues the ramp.
+        weight_warmup_start: the update the ramp starts at (``--stim-start-epoch`` in updates).
         small_input: min scale of random smaller sub-network inputs, ``None`` for full size.
         norm_main: also compute the full network's loss on normalised logits (the original ST++
             code; only when a model is given).
@@ -93,6 +97,8 @@ class StimTask(TrainingTask):
             temperature: float = 1.0,
             amplitude: float = 1.0,
             weight: float = 1.0,
+            weight_warmup: int = 0,
+            weight_warmup_start: int = 0,
             small_input: Optional[float] = None,
             norm_main: bool = False,
             seed: int = 0,
@@ -103,6 +109,9 @@ class StimTask(TrainingTask):
     ):
         if num_subnets < 0:
             raise ValueError(f'num_subnets must be >= 0, got {num_subnets}')
+        if weight_warmup < 0 or weight_warmup_start < 0:
+            raise ValueError(f'weight_warmup and weight_warmup_start must be >= 0, got {weight_warmup}, '
+                             f'{weight_warmup_start}')
         if isinstance(task_or_model, TrainingTask):
             if criterion is not None or norm_main:
                 raise ValueError('StimTask(task, ...): the wrapped task owns the loss; criterion and '
@@ -125,6 +134,8 @@ class StimTask(TrainingTask):
         self.temperature = float(temperature)
         self.amplitude = float(amplitude)
         self.weight = float(weight)
+        self.weight_warmup = int(weight_warmup)
+        self.weight_warmup_start = int(weight_warmup_start)
         if small_input is not None and not stim.stim_input_multiple:
             raise ValueError(f'{type(stim).__name__} runs at one fixed input size: small sub-network inputs '
                              f'need a CNN or a ViT built with dynamic_img_size=True')
@@ -156,6 +167,13 @@ class StimTask(TrainingTask):
                             'after each optimizer update.')
 
     # -- losses ------------------------------------------------------------------------------
+    def weight_at(self, step: int) -> float:
+        """The sub-network loss weight at optimizer update ``step`` (the ramp, then ``weight``)."""
+        if self.weight_warmup <= 0:
+            return self.weight
+        done = step - self.weight_warmup_start + 1
+        return self.weight * min(1.0, max(done, 0) / self.weight_warmup)
+
     def subnet_loss(self, sub_logits: torch.Tensor, full_logits: torch.Tensor) -> torch.Tensor:
         if self.kl_minus:
             return kl_minus(sub_logits, full_logits, self.temperature, self.amplitude)
@@ -193,6 +211,7 @@ class StimTask(TrainingTask):
             self._call_backward(backward_fn, main)
             total = main.detach()
         kl_sum = torch.zeros((), device=teacher.device)
+        weight = self.weight_at(self.step)
         self.last_subnets = []
         for k in range(self.num_subnets):
             depths = self.sampler.sample(self.step, k)
@@ -201,7 +220,7 @@ class StimTask(TrainingTask):
             last = k == self.num_subnets - 1
             synced = stepwise and last
             with stim.subnet(depths), keep_bn_stats(stim), (nullcontext() if synced else self.no_sync()):
-                term = self.weight * self.subnet_loss(model(x), teacher)
+                term = weight * self.subnet_loss(model(x), teacher)
                 kl_sum = kl_sum + term.detach()
                 if synced and self._is_distributed():
                     # DDP's synced backward must reach every parameter: skipped blocks get zeros.
