@@ -41,8 +41,12 @@ METHODS: Dict[str, List[str]] = {
     # ST++ with the sub-network loss only from a quarter of the schedule on (plain CE before).
     'stpp_late': ['--stim-pp', '--stim-start-epoch', '{quarter}'],
     # ST++ with the sub-network loss weight ramped linearly from 0 over the first quarter.
-    'stpp_ramp': ['--stim-pp', '--stim-warmup-epochs', '{quarter}'],
+    'stpp_ramp': ['--stim-pp', '--stim-ramp-epochs', '{quarter}'],
+    # ST++ with the sub-network loss only after the recipe's LR warm-up (plain CE during it).
+    'stpp_warm': ['--stim-pp', '--stim-start-epoch', '{warmup}'],
 }
+# The LR warm-up epochs of each recipe (tuned: its --warmup-epochs; default: timm train.py's).
+WARMUP = {'tuned': 1, 'default': 5}
 LENGTHS = (10, 30, 60, 120)
 Cell = Tuple[str, str, int, int]  # recipe, method, epochs, seed
 
@@ -51,7 +55,8 @@ def grid() -> List[Cell]:
     """All cells, most needed first: the tuned curve, its second seed at both ends, timm's defaults at
     both ends, cheap short-run variants (second seed, ST, late start), the late start and ST at length,
     timm's defaults' second seed at the longest length, then the middle and the rest; last the KL-weight
-    ramp (both ends with 2 seeds, then the middle)."""
+    ramp at 10 epochs, the start after the LR warm-up (tuned: both ends, then the middle; timm's
+    defaults: 10 epochs), then the ramp at length (2 seeds at the ends)."""
     cells: List[Cell] = []
     cells += [('tuned', m, e, 0) for e in LENGTHS for m in ('baseline', 'stpp')]
     cells += [('tuned', m, e, 1) for e in (10, 120) for m in ('baseline', 'stpp')]
@@ -65,7 +70,11 @@ def grid() -> List[Cell]:
     cells += [('default', m, 60, 0) for m in ('baseline', 'stpp')]
     cells += [('tuned', 'stpp_late', 60, 0)]
     cells += [('tuned', 'stpp_late', e, 1) for e in (10, 120)]
-    cells += [('tuned', 'stpp_ramp', e, s) for e in (10, 120) for s in (0, 1)]
+    cells += [('tuned', 'stpp_ramp', 10, s) for s in (0, 1)]
+    cells += [('tuned', 'stpp_warm', e, s) for e in (10, 120) for s in (0, 1)]
+    cells += [('tuned', 'stpp_warm', e, 0) for e in (60, 30)]
+    cells += [('default', 'stpp_warm', 10, s) for s in (0, 1)]
+    cells += [('tuned', 'stpp_ramp', 120, s) for s in (0, 1)]
     cells += [('tuned', 'stpp_ramp', e, 0) for e in (60, 30)]
     return cells
 
@@ -75,8 +84,8 @@ def cell_name(cell: Cell) -> str:
     return f'{recipe}-{method}-e{epochs}-s{seed}'
 
 
-def method_flags(method: str, epochs: int) -> List[str]:
-    return [f.format(quarter=epochs // 4) for f in METHODS[method]]
+def method_flags(method: str, epochs: int, recipe: str = 'tuned') -> List[str]:
+    return [f.format(quarter=epochs // 4, warmup=WARMUP[recipe]) for f in METHODS[method]]
 
 
 def score(cell: Cell, run_dir: str, data: str) -> dict:
@@ -130,7 +139,7 @@ class ScoreStore(RunStore):
 def run_cell(cell: Cell, data: str, runs: str, store: ScoreStore) -> Tuple[Cell, dict]:
     if store.get(cell) is None:
         recipe, method, epochs, seed = cell
-        run_dir = train(cell_name(cell), method_flags(method, epochs), seed, data, runs, epochs,
+        run_dir = train(cell_name(cell), method_flags(method, epochs, recipe), seed, data, runs, epochs,
                         schedule=RECIPES[recipe])
         store.put(cell, score(cell, run_dir, data))
     return cell, store.get(cell)

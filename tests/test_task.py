@@ -421,14 +421,14 @@ def test_warns_when_nobody_advances_the_step(caplog, monkeypatch):
 
 
 @pytest.mark.parametrize('step, factor', [(0, 0.0), (9, 0.0), (10, 0.25), (12, 0.75), (13, 1.0), (50, 1.0)])
-def test_weight_warmup_ramps_the_sub_network_term(step, factor):
-    """``weight_warmup=4`` from update 10: weight 0 before, then 1/4, 2/4, 3/4, 4/4 of ``weight`` (the
+def test_weight_ramp_ramps_the_sub_network_term(step, factor):
+    """``weight_ramp=4`` from update 10: weight 0 before, then 1/4, 2/4, 3/4, 4/4 of ``weight`` (the
     loss and every gradient as the reference step with that weight)."""
     opts = dict(num_subnets=2, rule='uniform', kl_minus=True, weight=0.8)
     model = tiny_model()
     reference = copy.deepcopy(model)
     x, y = batch()
-    task = StimTask(model, nn.CrossEntropyLoss(), seed=3, verbose=False, weight_warmup=4, weight_warmup_start=10,
+    task = StimTask(model, nn.CrossEntropyLoss(), seed=3, verbose=False, weight_ramp=4, weight_ramp_start=10,
                     **opts)
     assert task.weight_at(step) == pytest.approx(0.8 * factor)
     task.train()
@@ -441,6 +441,6 @@ def test_weight_warmup_ramps_the_sub_network_term(step, factor):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_weight_warmup_must_not_be_negative():
-    with pytest.raises(ValueError, match='weight_warmup and weight_warmup_start must be >= 0, got -1, 0'):
-        StimTask(tiny_model(), nn.CrossEntropyLoss(), weight_warmup=-1, verbose=False)
+def test_weight_ramp_must_not_be_negative():
+    with pytest.raises(ValueError, match='weight_ramp and weight_ramp_start must be >= 0, got -1, 0'):
+        StimTask(tiny_model(), nn.CrossEntropyLoss(), weight_ramp=-1, verbose=False)

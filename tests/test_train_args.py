@@ -72,7 +72,7 @@ def test_stim_options(flags, expected):
 @pytest.mark.parametrize('flags, message', [
     (['--stim', '--stim-small-input', '0'], '(0, 1]'),
     (['--stim-rule', 'stpp'], 'needs stimulative training'),
-    (['--stim-warmup-epochs', '2'], '--stim-warmup-epochs needs stimulative training'),
+    (['--stim-ramp-epochs', '2'], '--stim-ramp-epochs needs stimulative training'),
 ])
 def test_stim_option_errors(flags, message):
     args, _ = parse_args(['data', *flags])
@@ -124,19 +124,19 @@ def test_help_states_when_stimulative_training_pays_off():
     assert 'ST/ST++ pays off with training length' in text and 'benchmarks/results/crossover.md' in text
 
 
-def test_stim_warmup_epochs_become_updates_from_the_start_epoch(tmp_path):
-    """``--stim-warmup-epochs 2 --stim-start-epoch 1`` reaches the task as a ramp of 2 epochs' updates
+def test_stim_ramp_epochs_become_updates_from_the_start_epoch(tmp_path):
+    """``--stim-ramp-epochs 2 --stim-start-epoch 1`` reaches the task as a ramp of 2 epochs' updates
     starting after 1 epoch's (with --grad-accum-steps 2, optimizer updates, not batches)."""
     from stim_timm.cli.preflight import preflight
     from stim_timm.cli.train import setup
     from stim_timm.cli.train_args import builtin_defaults
     data = Path(__file__).resolve().parents[1] / 'data' / 'cifar10-mini'
     args, parser = parse_args([str(data), '--model', 'stim_resnet20_cifar', '--val-split', 'test', '-j', '0',
-                               '-b', '8', '--grad-accum-steps', '2', '--stim', '--stim-warmup-epochs', '2',
+                               '-b', '8', '--grad-accum-steps', '2', '--stim', '--stim-ramp-epochs', '2',
                                '--stim-start-epoch', '1', '--stim-weight', '0.5', '--output', str(tmp_path)])
     run = setup(args, preflight(args, builtin_defaults()), parser)
     updates = (len(run.train_loader) + 1) // 2
     assert updates > 1
-    assert (run.task.weight_warmup, run.task.weight_warmup_start) == (2 * updates, updates)
+    assert (run.task.weight_ramp, run.task.weight_ramp_start) == (2 * updates, updates)
     assert run.task.weight_at(updates - 1) == 0.0 and run.task.weight_at(3 * updates) == 0.5
     assert run.task.weight_at(2 * updates - 1) == pytest.approx(0.25)

@@ -80,7 +80,7 @@ def _range(args, dest: str, lo: Optional[float] = None, hi: Optional[float] = No
 
 INTS_AT_LEAST = dict(epochs=1, batch_size=1, validation_batch_size=1, workers=0, grad_accum_steps=1,
                      log_interval=1, val_interval=1, recovery_interval=0, checkpoint_hist=1, tta=0,
-                     stim_eval_subnets=0, stim_start_epoch=0, stim_warmup_epochs=0, warmup_epochs=0, cooldown_epochs=0,
+                     stim_eval_subnets=0, stim_start_epoch=0, stim_ramp_epochs=0, warmup_epochs=0, cooldown_epochs=0,
                      train_batches_per_epoch=1, img_size=1, num_classes=1, in_chans=1, input_size=1,
                      train_img_sizes=1, train_batch_sizes=1, train_num_samples=1, val_num_samples=1,
                      mixup_off_epoch=0, start_epoch=0, kd_student_feature_dim=1, kd_teacher_feature_dim=1)

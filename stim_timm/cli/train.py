@@ -152,9 +152,9 @@ def setup(args, pre: Preflight, parser=None) -> TrainRun:
         scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
         args.lr = args.lr_base * (global_batch / args.lr_base_size) ** (0.5 if scale == 'sqrt' else 1.0)
     updates_per_epoch = (len(train_loader) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    if is_stim and args.stim_warmup_epochs:
-        opts.update(weight_warmup=args.stim_warmup_epochs * updates_per_epoch,
-                    weight_warmup_start=args.stim_start_epoch * updates_per_epoch)
+    if is_stim and args.stim_ramp_epochs:
+        opts.update(weight_ramp=args.stim_ramp_epochs * updates_per_epoch,
+                    weight_ramp_start=args.stim_start_epoch * updates_per_epoch)
     verbose = utils.is_primary(args)
     criterion = train_loss(args).to(device)
     if args.kd_model_name:  # timm's distillation task; with ST the sub-networks follow the distilled student

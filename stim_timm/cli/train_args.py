@@ -284,7 +284,7 @@ def _stim_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--stim-amplitude', type=float, default=1.0, help='scale of the normalised logits (KL-)')
     _add(g, '--stim-norm-main', action='store_true', default=False, help='CE on normalised logits too')
     _add(g, '--stim-start-epoch', type=int, default=0, metavar='E', help='plain CE before epoch E')
-    _add(g, '--stim-warmup-epochs', type=int, default=0, metavar='E',
+    _add(g, '--stim-ramp-epochs', type=int, default=0, metavar='E',
          help='ramp the sub-network loss weight linearly from 0 to --stim-weight over E epochs (per update, '
               'from --stim-start-epoch on); 0: full weight from the start')
     _add(g, '--stim-eval-subnets', type=int, default=5, metavar='N',

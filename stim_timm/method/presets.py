@@ -27,7 +27,7 @@ STIM_FLAGS: Dict[str, Any] = dict(stim=False, stim_kl_minus=False, stim_pp=False
 # Stim modifiers and their defaults: setting one without enabling ST is an error.
 STIM_MODIFIERS: Dict[str, Any] = dict(
     stim_rule=None, stim_small_input=None, stim_weight=1.0, stim_temp=1.0, stim_amplitude=1.0,
-    stim_norm_main=False, stim_start_epoch=0, stim_warmup_epochs=0)
+    stim_norm_main=False, stim_start_epoch=0, stim_ramp_epochs=0)
 _DEFAULTS: Dict[str, Any] = dict(STIM_FLAGS, **STIM_MODIFIERS, seed=42)
 _TITLES = {'st': 'stimulative training (ST, preset st)', 'stpp': 'ST++ (preset stpp)'}
 

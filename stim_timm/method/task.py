@@ -75,10 +75,10 @@ class StimTask(TrainingTask):
         temperature: KL temperature T (the loss is multiplied by T^2).
         amplitude: scale of the normalised logits for KL- (and for ``norm_main``).
         weight: weight of the sub-network loss.
-        weight_warmup: optimizer updates over which the weight ramps linearly up to ``weight``
-            (update ``weight_warmup_start + i`` uses ``weight * (i + 1) / weight_warmup``); 0: no ramp.
+        weight_ramp: optimizer updates over which the weight ramps linearly up to ``weight``
+            (update ``weight_ramp_start + i`` uses ``weight * (i + 1) / weight_ramp``); 0: no ramp.
             Keyed to ``step`` like the sub-networks, so a resumed run continues the ramp.
-        weight_warmup_start: the update the ramp starts at (``--stim-start-epoch`` in updates).
+        weight_ramp_start: the update the ramp starts at (``--stim-start-epoch`` in updates).
         small_input: min scale of random smaller sub-network inputs, ``None`` for full size.
         norm_main: also compute the full network's loss on normalised logits (the original ST++
             code; only when a model is given).
@@ -97,8 +97,8 @@ class StimTask(TrainingTask):
             temperature: float = 1.0,
             amplitude: float = 1.0,
             weight: float = 1.0,
-            weight_warmup: int = 0,
-            weight_warmup_start: int = 0,
+            weight_ramp: int = 0,
+            weight_ramp_start: int = 0,
             small_input: Optional[float] = None,
             norm_main: bool = False,
             seed: int = 0,
@@ -109,9 +109,9 @@ class StimTask(TrainingTask):
     ):
         if num_subnets < 0:
             raise ValueError(f'num_subnets must be >= 0, got {num_subnets}')
-        if weight_warmup < 0 or weight_warmup_start < 0:
-            raise ValueError(f'weight_warmup and weight_warmup_start must be >= 0, got {weight_warmup}, '
-                             f'{weight_warmup_start}')
+        if weight_ramp < 0 or weight_ramp_start < 0:
+            raise ValueError(f'weight_ramp and weight_ramp_start must be >= 0, got {weight_ramp}, '
+                             f'{weight_ramp_start}')
         if isinstance(task_or_model, TrainingTask):
             if criterion is not None or norm_main:
                 raise ValueError('StimTask(task, ...): the wrapped task owns the loss; criterion and '
@@ -134,8 +134,8 @@ class StimTask(TrainingTask):
         self.temperature = float(temperature)
         self.amplitude = float(amplitude)
         self.weight = float(weight)
-        self.weight_warmup = int(weight_warmup)
-        self.weight_warmup_start = int(weight_warmup_start)
+        self.weight_ramp = int(weight_ramp)
+        self.weight_ramp_start = int(weight_ramp_start)
         if small_input is not None and not stim.stim_input_multiple:
             raise ValueError(f'{type(stim).__name__} runs at one fixed input size: small sub-network inputs '
                              f'need a CNN or a ViT built with dynamic_img_size=True')
@@ -169,10 +169,10 @@ class StimTask(TrainingTask):
     # -- losses ------------------------------------------------------------------------------
     def weight_at(self, step: int) -> float:
         """The sub-network loss weight at optimizer update ``step`` (the ramp, then ``weight``)."""
-        if self.weight_warmup <= 0:
+        if self.weight_ramp <= 0:
             return self.weight
-        done = step - self.weight_warmup_start + 1
-        return self.weight * min(1.0, max(done, 0) / self.weight_warmup)
+        done = step - self.weight_ramp_start + 1
+        return self.weight * min(1.0, max(done, 0) / self.weight_ramp)
 
     def subnet_loss(self, sub_logits: torch.Tensor, full_logits: torch.Tensor) -> torch.Tensor:
         if self.kl_minus:
