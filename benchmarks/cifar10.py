@@ -45,11 +45,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = 'stim_resnet20_cifar'
 
+# The stored protocol ran the sub-network loss from epoch 0; the default now waits for the LR warm-up
+# (1 epoch here), so the start is pinned to keep the commands reproducing the stored runs.
+START0 = ['--stim-start-epoch', '0']
 METHODS: Dict[str, List[str]] = {
     'baseline': [],
-    'st': ['--stim'],
-    'stpp': ['--stim-pp'],
-    'stpp_norm_main': ['--stim-pp', '--stim-norm-main'],
+    'st': ['--stim', *START0],
+    'stpp': ['--stim-pp', *START0],
+    'stpp_norm_main': ['--stim-pp', '--stim-norm-main', *START0],
 }
 PROTOCOL_SEEDS = (0, 1, 2)
 

@@ -36,13 +36,15 @@ RECIPES: Dict[str, List[str]] = {
 }
 METHODS: Dict[str, List[str]] = {
     'baseline': [],
-    'stpp': ['--stim-pp'],
-    'st': ['--stim'],
+    # ST++ and ST from epoch 0, as the stored cells ran (the default now waits for the LR warm-up).
+    'stpp': ['--stim-pp', '--stim-start-epoch', '0'],
+    'st': ['--stim', '--stim-start-epoch', '0'],
     # ST++ with the sub-network loss only from a quarter of the schedule on (plain CE before).
     'stpp_late': ['--stim-pp', '--stim-start-epoch', '{quarter}'],
     # ST++ with the sub-network loss weight ramped linearly from 0 over the first quarter.
-    'stpp_ramp': ['--stim-pp', '--stim-ramp-epochs', '{quarter}'],
-    # ST++ with the sub-network loss only after the recipe's LR warm-up (plain CE during it).
+    'stpp_ramp': ['--stim-pp', '--stim-start-epoch', '0', '--stim-ramp-epochs', '{quarter}'],
+    # ST++ with the sub-network loss only after the recipe's LR warm-up (plain CE during it): the
+    # default since this grid measured it.
     'stpp_warm': ['--stim-pp', '--stim-start-epoch', '{warmup}'],
 }
 # The LR warm-up epochs of each recipe (tuned: its --warmup-epochs; default: timm train.py's).

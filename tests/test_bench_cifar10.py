@@ -36,10 +36,10 @@ def test_quick_mode_trains_evaluates_and_reports(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = out.read_text()
-    assert '| baseline | `(none)` |' in text and '| stpp | `--stim-pp` |' in text
+    assert '| baseline | `(none)` |' in text and '| stpp | `--stim-pp --stim-start-epoch 0` |' in text
     assert 'evaluated on 200 test images' in text
     assert f'- ST++ time per epoch vs baseline (alone, median of rounds): {ratio:.2f}x' in text
-    assert text.split('| stpp | `--stim-pp` |')[1].split('\n')[0].endswith('| 19.2 (15.0-28.0) | 1.50x (1.40-1.60) |')
+    assert text.split('| stpp | `--stim-pp --stim-start-epoch 0` |')[1].split('\n')[0].endswith('| 19.2 (15.0-28.0) | 1.50x (1.40-1.60) |')
     assert (tmp_path / 'cifar10_loafing.png').stat().st_size > 10_000
     runs = tmp_path / 'work' / 'runs_quick'
     assert sorted(os.listdir(runs)) == ['baseline-s0', 'stpp-s0']
@@ -53,7 +53,7 @@ def test_quick_mode_trains_evaluates_and_reports(tmp_path):
     store = json.loads((tmp_path / 'work' / 'cifar10_quick_runs.json').read_text())
     assert sorted(store) == ['baseline-s0-e2-pc50-test', 'stpp-s0-e2-pc50-test']
     assert store['stpp-s0-e2-pc50-test']['full'] == pytest.approx(float(
-        text.split('| stpp | `--stim-pp` | 1 | ')[1].split(' |')[0]), abs=0.005)
+        text.split('| stpp | `--stim-pp --stim-start-epoch 0` | 1 | ')[1].split(' |')[0]), abs=0.005)
     import shutil
     shutil.rmtree(runs)
     del store['stpp-s0-e2-pc50-test']

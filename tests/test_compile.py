@@ -97,7 +97,7 @@ def test_train_stim_torchcompile(tmp_path):
                 shutil.copy(img, tmp_path / 'data' / split / cls / img.name)
     proc = subprocess.run(
         [sys.executable, str(repo / 'train_stim.py'), str(tmp_path / 'data'), '--model', 'resnet20_cifar', '--stim-pp',
-         '--num-classes', '2', '--val-split', 'test', '--epochs', '1', '-j', '0', '-b', '16', '--lr', '0.01',
+         '--num-classes', '2', '--val-split', 'test', '--epochs', '1', '-j', '0', '-b', '16', '--lr', '0.01', '--warmup-epochs', '0',
          '--torchcompile', 'eager', '--output', str(tmp_path / 'out'), '--experiment', 'run'],
         cwd=repo, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

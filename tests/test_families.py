@@ -232,7 +232,7 @@ def test_train_stim_two_steps_with_a_plain_timm_name(family, tmp_path):
     # Swin runs at one size; ConvNeXt's unpadded downsampling needs sides that are multiples of 32
     small = {'swin': ['--stim-small-input', '1.0'], 'convnext': ['--stim-small-input', '0.5']}.get(family, [])
     cmd = [sys.executable, str(REPO / 'train_stim.py'), str(data), '--model', name, '--stim-pp', *small,
-           '--img-size', str(side), '--num-classes', '2', '--val-split', 'test', '--epochs', '1', '-j', '0',
+           '--img-size', str(side), '--num-classes', '2', '--val-split', 'test', '--epochs', '1', '-j', '0', '--warmup-epochs', '0',
            '-b', '16', '--lr', '0.01', '--stim-eval-subnets', '1', '--output', str(tmp_path / 'out'),
            '--experiment', 'run', *(['--model-kwargs', *model_kwargs] if model_kwargs else [])]
     env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')

@@ -140,3 +140,14 @@ def test_stim_ramp_epochs_become_updates_from_the_start_epoch(tmp_path):
     assert (run.task.weight_ramp, run.task.weight_ramp_start) == (2 * updates, updates)
     assert run.task.weight_at(updates - 1) == 0.0 and run.task.weight_at(3 * updates) == 0.5
     assert run.task.weight_at(2 * updates - 1) == pytest.approx(0.25)
+
+
+def test_stim_start_epoch_defaults_to_the_end_of_the_lr_warmup():
+    """No --stim-start-epoch: the sub-network loss starts when the LR warm-up ends (timm's default 5)."""
+    from stim_timm.method.presets import start_epoch
+    for flags, first in ((['--stim'], 5), (['--stim', '--warmup-epochs', '2'], 2), (['--stim', '--warmup-epochs', '0'], 0),
+                         (['--stim', '--warmup-epochs', '2', '--stim-start-epoch', '0'], 0),
+                         (['--stim-pp', '--stim-start-epoch', '7'], 7)):
+        args, _ = parse_args(['data', *flags])
+        assert start_epoch(vars(args)) == first, flags
+    assert start_epoch({}) == 5 and start_epoch({'warmup_epochs': 0}) == 0  # a run whose flags were not saved

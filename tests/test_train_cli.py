@@ -20,7 +20,7 @@ SCRIPT = str(REPO / 'train_stim.py')
 MINI = REPO / 'data' / 'cifar10-mini'
 ENV = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
 FAST = ['--model', 'stim_resnet20_cifar', '--val-split', 'test', '-j', '0', '--log-interval', '2',
-        '--warmup-epochs', '1', '--lr', '0.05']
+        '--warmup-epochs', '0', '--lr', '0.05']
 
 
 def _subset(root: Path, per_class: dict, classes: Sequence[str] = ()) -> Path:
@@ -112,13 +112,15 @@ def test_one_epoch(small_data, tmp_path, flags, kl):
     assert ('state_dict_ema' in ckpt) == ('--model-ema' in flags)
 
 
-def test_base_name_resolves_and_stim_start_epoch(small_data, tmp_path):
-    """A plain timm name trains that model made stimulative; before --stim-start-epoch the loss is plain CE."""
-    train([small_data, *FAST, '--model', 'resnet20_cifar', '--epochs', '1', '-b', '16', '--output', tmp_path,
-           '--experiment', 'run', '--stim', '--stim-small-input', '--stim-start-epoch', '1',
-           '--stim-eval-subnets', '0'])
+def test_base_name_resolves_and_stim_starts_after_the_lr_warmup(small_data, tmp_path):
+    """A plain timm name trains that model made stimulative; before the start epoch (by default the end
+    of the LR warm-up, here --warmup-epochs 1) the loss is plain CE, from it on CE + KL."""
+    train([small_data, *FAST, '--model', 'resnet20_cifar', '--epochs', '2', '-b', '16', '--output', tmp_path,
+           '--experiment', 'run', '--stim', '--stim-small-input', '--stim-eval-subnets', '0', '--warmup-epochs', '1'])
     rows = summary(tmp_path / 'run')
-    assert float(rows[0]['train_kl_loss']) == 0.0
+    assert float(rows[0]['train_kl_loss']) == 0.0 and float(rows[1]['train_kl_loss']) > 0.0
+    saved = yaml.safe_load((tmp_path / 'run' / 'args.yaml').read_text())
+    assert saved['stim_start_epoch'] == 1 and saved['warmup_epochs'] == 1  # the resolved start is recorded
     assert not [c for c in rows[0] if c.startswith('subnet_')]
     assert read_torch_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))['arch'] == 'resnet20_cifar'
 
@@ -225,7 +227,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(small_data, tmp_path, c
     make_args, message = BAD_INPUTS[case]
     # defaults first: the case's own flags (e.g. another --model) come later and win
     # --overwrite: even a run allowed to replace the folder deletes nothing when its input is bad
-    proc = train(['--model', 'stim_resnet20_cifar', '-j', '0', '--epochs', '1', '--output', tmp_path / 'out',
+    proc = train(['--model', 'stim_resnet20_cifar', '-j', '0', '--epochs', '1', '--warmup-epochs', '0',
+                  '--output', tmp_path / 'out',
                   '--experiment', 'exp', '--val-split', 'test', '--overwrite', *make_args(small_data, tmp_path)],
                  check=False)
     lines = proc.stderr.strip().splitlines()

@@ -31,7 +31,8 @@ from ..publish.hub import HubError, validate_hub_repo_id
 from ..run.checkpoint import CheckpointError, read_torch_checkpoint
 from ..run.folder import RunFolder
 from ..run.io import one_line
-from .train_args import stim_options
+from ..method import presets
+from .train_args import stim_enabled, stim_options
 
 __all__ = ['BadInput', 'Preflight', 'preflight', 'one_line', 'check_values', 'check_model', 'check_data',
            'check_checkpoints', 'check_output', 'check_services']
@@ -165,6 +166,12 @@ def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
         stim_options(args)
     except ValueError as e:
         raise BadInput(one_line(e)) from None
+    if stim_enabled(args):
+        first = presets.start_epoch(vars(args))
+        _need(first < args.epochs, f'the sub-network loss starts at epoch {first} (' + (
+            f'--stim-start-epoch {first}' if args.stim_start_epoch is not None else
+            f'by default after the LR warm-up, --warmup-epochs {first}') + f'), after the last of --epochs '
+              f'{args.epochs}: give more epochs, a lower --stim-start-epoch or --warmup-epochs')
 
 
 # ---- the model, on the meta device ---------------------------------------------------------------

@@ -29,6 +29,7 @@ from timm.task import ClassificationTask
 from timm.utils import NativeScaler
 from timm.utils.log import FormatterNoInfo
 
+from ..method import presets
 from ..method.sampling import SubnetSampler
 from ..method.task import StimTask
 from ..models import compile_stimulative, format_depths, get_stim_model, is_stim_model
@@ -124,6 +125,8 @@ def setup(args, pre: Preflight, parser=None) -> TrainRun:
     if args.fast_norm:
         set_fast_norm()
     args.model, is_stim = pre.model, pre.is_stim
+    if is_stim:  # resolved (the default follows --warmup-epochs); args.yaml records the number
+        args.stim_start_epoch = presets.start_epoch(vars(args))
     try:
         model = create_stim_model(args, stim_on=is_stim, small_inputs=opts.get('small_input') is not None)
     except RuntimeError as e:  # weights that load but do not fit (the preflight checked what it could)
@@ -249,7 +252,7 @@ def run_epoch(run: TrainRun, epoch: int) -> Dict[str, Any]:
     """Train and validate one epoch; returns its summary row."""
     args, task, cfg = run.args, run.task, run.cfg
     set_loader_epoch(run.train_loader, epoch)
-    task.enabled = epoch >= args.stim_start_epoch
+    task.enabled = epoch >= (args.stim_start_epoch or 0)
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if run.mixup_fn is not None:
             run.mixup_fn.mixup_enabled = False
