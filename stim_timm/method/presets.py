@@ -87,9 +87,9 @@ def resolve_stim(flags: Mapping[str, Any]) -> Dict[str, Any]:
 
 def start_epoch(flags: Mapping[str, Any]) -> int:
     """The first epoch with the sub-network loss: ``--stim-start-epoch``, by default the end of the LR
-    warm-up (``--warmup-epochs``). Why: during warm-up the full network is a poor teacher; on the
-    CIFAR-10 grid (benchmarks/crossover.py) waiting for it narrowed ST++'s 10-epoch loss and left
-    30-120 epochs level or better. A recipe without warm-up (the authors') starts at 0."""
+    warm-up (``--warmup-epochs``). Why: on the CIFAR-10 grid (benchmarks/crossover.py) waiting for the
+    warm-up narrowed ST++'s 10-epoch loss and left 30-120 epochs level or better. A recipe without
+    warm-up (the authors') starts at 0."""
     f = _flags(flags)
     return int(f['warmup_epochs'] or 0) if f['stim_start_epoch'] is None else int(f['stim_start_epoch'])
 
