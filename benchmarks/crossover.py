@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cifar10 import REPO, SCHEDULE, RunStore, count_images, mean_std, prepare_data, summary_rows, train  # noqa: E402
+from cifar10 import REPO, SCHEDULE, START0, RunStore, count_images, mean_std, prepare_data, summary_rows, train  # noqa: E402
 
 MEASURE = ['-j', '1', '--log-interval', '1000', '--stim-eval-subnets', '0', '--validation-batch-size', '500']
 RECIPES: Dict[str, List[str]] = {
@@ -37,18 +37,17 @@ RECIPES: Dict[str, List[str]] = {
 METHODS: Dict[str, List[str]] = {
     'baseline': [],
     # ST++ and ST from epoch 0, as the stored cells ran (the default now waits for the LR warm-up).
-    'stpp': ['--stim-pp', '--stim-start-epoch', '0'],
-    'st': ['--stim', '--stim-start-epoch', '0'],
+    'stpp': ['--stim-pp', *START0],
+    'st': ['--stim', *START0],
     # ST++ with the sub-network loss only from a quarter of the schedule on (plain CE before).
     'stpp_late': ['--stim-pp', '--stim-start-epoch', '{quarter}'],
     # ST++ with the sub-network loss weight ramped linearly from 0 over the first quarter.
-    'stpp_ramp': ['--stim-pp', '--stim-start-epoch', '0', '--stim-ramp-epochs', '{quarter}'],
+    'stpp_ramp': ['--stim-pp', *START0, '--stim-ramp-epochs', '{quarter}'],
     # ST++ with the sub-network loss only after the recipe's LR warm-up (plain CE during it): the
     # default since this grid measured it.
     'stpp_warm': ['--stim-pp', '--stim-start-epoch', '{warmup}'],
 }
-# The LR warm-up epochs of each recipe (tuned: its --warmup-epochs; default: timm train.py's).
-WARMUP = {'tuned': 1, 'default': 5}
+
 LENGTHS = (10, 30, 60, 120)
 Cell = Tuple[str, str, int, int]  # recipe, method, epochs, seed
 
@@ -86,8 +85,17 @@ def cell_name(cell: Cell) -> str:
     return f'{recipe}-{method}-e{epochs}-s{seed}'
 
 
+def warmup_epochs(recipe: str) -> int:
+    """The recipe's LR warm-up: its ``--warmup-epochs``, else train_stim.py's default (timm's)."""
+    flags = RECIPES[recipe]
+    if '--warmup-epochs' in flags:
+        return int(flags[flags.index('--warmup-epochs') + 1])
+    from stim_timm.cli.train_args import builtin_defaults
+    return int(builtin_defaults()['warmup_epochs'])
+
+
 def method_flags(method: str, epochs: int, recipe: str = 'tuned') -> List[str]:
-    return [f.format(quarter=epochs // 4, warmup=WARMUP[recipe]) for f in METHODS[method]]
+    return [f.format(quarter=epochs // 4, warmup=warmup_epochs(recipe)) for f in METHODS[method]]
 
 
 def score(cell: Cell, run_dir: str, data: str) -> dict:
