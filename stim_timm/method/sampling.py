@@ -22,7 +22,7 @@ import itertools
 import random
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from ..models.subnet import parse_depths
+from ..models.depths import parse_counts, parse_panel
 
 Depths = Tuple[int, ...]
 
@@ -49,12 +49,8 @@ def rule_max_drops(stage_depths: Sequence[int], rule: Union[str, Sequence[int]],
     elif isinstance(rule, str) and rule == 'stpp':
         drops = tuple(min(d, lim) for d, lim in zip(_stpp_drops(stage_depths), limits))
     else:
-        if isinstance(rule, str):
-            try:
-                rule = [int(v) for v in rule.replace(' ', '').split(',')]
-            except ValueError:
-                raise ValueError(f"sampling rule '{rule}' is not 'uniform', 'stpp' or max drops per "
-                                 f"stage such as '0,1,3,0'") from None
+        if isinstance(rule, str):  # exactly 'uniform', 'stpp' or '0,1,3,0' (stim_timm.models.depths syntax)
+            rule = parse_counts(rule, 'sampling rule', "'uniform', 'stpp' or max drops per stage such as 0,1,3,0")
         drops = tuple(int(v) for v in rule)
         if len(drops) != len(stage_depths):
             raise ValueError(f'sampling rule {drops} names {len(drops)} stages, the model has '
@@ -160,11 +156,3 @@ class SubnetSampler:
 
     def __repr__(self) -> str:
         return f'SubnetSampler(stage_depths={self.stage_depths}, rule={self.rule!r}, max_drops={self.max_drops}, seed={self.seed})'
-
-
-def parse_panel(text: str) -> List[Depths]:
-    """``"3,3,3;1,1,1"`` (or ``3-3-3;1-1-1``) -> ``[(3, 3, 3), (1, 1, 1)]``."""
-    out = [parse_depths(part) for part in text.split(';') if part.strip()]
-    if not out:
-        raise ValueError(f"no sub-networks in '{text}'")
-    return out

@@ -335,17 +335,5 @@ def keep_bn_stats(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
-def format_depths(depths: Sequence[int]) -> str:
-    """``(3, 4, 6, 3)`` -> ``'3-4-6-3'``: how depths appear in file names, CSV columns and logs."""
-    return '-'.join(str(int(d)) for d in depths)
-
-
-def parse_depths(text: str) -> Tuple[int, ...]:
-    """``'3,4,6,3'`` or ``'3-4-6-3'`` -> ``(3, 4, 6, 3)``; ValueError naming the text."""
-    try:
-        depths = tuple(int(v) for v in str(text).replace('-', ',').replace(' ', '').split(',') if v != '')
-    except ValueError:
-        raise ValueError(f"depths '{text}' are not block counts per stage such as 3,4,6,3") from None
-    if not depths:
-        raise ValueError(f"depths '{text}' name no stage")
-    return depths
+# Depth strings live in stim_timm.models.depths (exact syntax, anything else refused); re-exported here.
+from .depths import format_depths, parse_depths  # noqa: E402,F401

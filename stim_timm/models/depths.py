@@ -1,0 +1,49 @@
+"""Depth strings: blocks per stage as the command lines, file names, CSV columns and logs write them.
+
+The syntax is exact, and anything else is refused (ValueError naming the text), never reinterpreted:
+
+- ``3,4,6,3`` or ``3-4-6-3``: decimal ASCII digits, one separator kind, no spaces, no sign, no
+  leading zero, no empty piece (``'3,,3'``, ``'3-'``, ``' 3,3'``, ``'+3'``, ``'03'``, ``'３'`` or
+  ``'1e1'`` are errors);
+- a panel (``stim-analyze --depths-list``) is depth strings joined by ``;`` (``3,3,3;1,1,1``), no
+  empty entry;
+- a sampling rule's max drops per stage (``--stim-rule 0,1,3,0``) follow the same syntax, 0 allowed.
+
+``format_depths`` writes ``3-4-6-3``; ``parse_depths(format_depths(d)) == d``.
+"""
+import re
+from typing import List, Sequence, Tuple
+
+__all__ = ['format_depths', 'parse_depths', 'parse_counts', 'parse_panel', 'DEPTHS_SYNTAX']
+
+DEPTHS_SYNTAX = 'block counts per stage such as 3,4,6,3 or 3-4-6-3'
+_NUMBER = r'(?:0|[1-9][0-9]*)'
+_LIST = re.compile(rf'{_NUMBER}(?:,{_NUMBER})*|{_NUMBER}(?:-{_NUMBER})*')
+
+
+def format_depths(depths: Sequence[int]) -> str:
+    """``(3, 4, 6, 3)`` -> ``'3-4-6-3'``: how depths appear in file names, CSV columns and logs."""
+    return '-'.join(str(int(d)) for d in depths)
+
+
+def parse_counts(text: str, what: str = 'depths', syntax: str = DEPTHS_SYNTAX) -> Tuple[int, ...]:
+    """``'0,1,3,0'`` / ``'0-1-3-0'`` -> ``(0, 1, 3, 0)``: non-negative counts, exactly that syntax."""
+    if not isinstance(text, str) or not _LIST.fullmatch(text):
+        raise ValueError(f"{what} {text!r}: not {syntax}")
+    return tuple(int(v) for v in re.split('[,-]', text))
+
+
+def parse_depths(text: str) -> Tuple[int, ...]:
+    """``'3,4,6,3'`` or ``'3-4-6-3'`` -> ``(3, 4, 6, 3)``; ValueError naming the text otherwise
+    (a stage keeps at least one block: 0 is refused too)."""
+    depths = parse_counts(text)
+    if 0 in depths:
+        raise ValueError(f"depths {text!r}: every stage keeps at least 1 block, got 0 for stage {depths.index(0)}")
+    return depths
+
+
+def parse_panel(text: str) -> List[Tuple[int, ...]]:
+    """``'3,3,3;1,1,1'`` (or ``'3-3-3;1-1-1'``) -> ``[(3, 3, 3), (1, 1, 1)]``; no empty entry."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"no sub-networks in {text!r}: give depths such as 3,3,3;1,1,1")
+    return [parse_depths(part) for part in text.split(';')]
