@@ -98,7 +98,14 @@ def test_parse_errors_are_one_line(capsys):
     ('scale: 0.5', 'scale must be a list, got 0.5'),
     ('input_size: [3, 32]', 'input_size must be a list of 3 values, got [3, 32]'),
     ('amp: yes please', "amp must be true or false, got 'yes please'"),
-    ('model_kwargs: [a]', "model_kwargs must be a mapping of keyword arguments, got ['a']"),
+    ('model_kwargs: [a]', "model_kwargs must be a mapping of keyword arguments (Python names), got ['a']"),
+    ('model_kwargs: {1: 2}', 'model_kwargs must be a mapping of keyword arguments (Python names), got {1: 2}'),
+    ('lr: .inf', 'lr must be a number, got inf'),
+    ('stim:\n  weight: 1', "stim must be true or false, got {'weight': 1}"),
+    ('model: {name: resnet50}', "model must be a string, got {'name': 'resnet50'}"),
+    ('lr: 0.1\nepochs: 2\nlr: 0.2', "not valid YAML (line 3, column 1: key 'lr' is given twice)"),
+    ('model: [unclosed', "not valid YAML (line 2, column 1: expected ',' or ']', but got '<stream end>')"),
+    ('- lr\n- 0.1', 'expected a mapping of flag names to values'),
     ('epochs: null', 'epochs must not be null'),
     ('no_such_key: 1\nanother: 2', 'unknown keys another, no_such_key (neither timm train.py nor stim flags)'),
 ])
@@ -108,6 +115,20 @@ def test_yaml_is_as_strict_as_the_command_line(tmp_path, capsys, text, message):
         parse_args(['-c', str(tmp_path / 'c.yaml'), 'data'])
     assert e.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f'train_stim.py: error: config {tmp_path / "c.yaml"}: {message}']
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'lr: 0.1\nmodel: r\xe9snet\n', 'not UTF-8 text (byte 16: invalid continuation byte)'),
+    (b'\x00\x01\xff\xfe', 'not UTF-8 text (byte 2: invalid start byte)'),
+    (None, 'is a folder, not a file'),
+])
+def test_unreadable_yaml_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / 'c.yaml'
+    path.mkdir() if content is None else path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        parse_args(['-c', str(path), 'data'])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f'train_stim.py: error: config {path}: {message}']
 
 
 def test_yaml_accepts_what_the_command_line_would(tmp_path):

@@ -4,23 +4,32 @@ the stimulative-training flags.
 A ``-c/--config`` YAML sets defaults and the command line wins, as in timm, so a timm user's command
 line and YAML keep working. Every flag of timm's train.py parses (tests/data/timm_train_flags.txt);
 the few that cannot work here (``REFUSED``: NaFlex, TorchScript, per-batch loss scaling) are accepted
-at their defaults and setting one is a one-line error saying why. A YAML key that is no flag, or a
-value the command line could not produce (type, count, choices), is an error too (exit 2).
+at their defaults and setting one is a one-line error saying why. A YAML key that is no flag, a key
+given twice, or a value the command line could not produce (type, count, choices), is an error too (exit 2).
+
+Refuse, never reinterpret: numbers are exactly decimal ASCII (``cli_int`` / ``cli_float``: no ``'+3'``,
+``'03'``, ``'nan'``), no flag is abbreviated, an empty string is refused unless the flag documents it
+(``EMPTY_OK``), and where timm's train.py ignores or silently maps an unknown string (``--sched``,
+``--clip-mode``, ``--lr-base-scale``, ``--interpolation``, ...) the flag takes the values timm acts on
+(``choices``, declared here with the flag). Ranges and flag conflicts are checked in one place,
+``stim_timm.cli.preflight.check_values``, before any data is read.
 """
 import argparse
+import math
 import os
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import yaml
+from timm.data.transforms import _str_to_torch_interpolation
 from timm.utils import ParseKwargs
 
 from ..method import presets
 from ..method.inputs import PAPER_MIN_SCALE
-from ..run.io import one_line
+from ..run.io import OneLineParser, cli_float, cli_int, one_line
 
 __all__ = ['PROG', 'build_parser', 'parse_args', 'stim_options', 'stim_enabled', 'args_to_yaml', 'REFUSED', 'refused_reason',
-           'builtin_defaults', 'config_value_error']
+           'builtin_defaults', 'config_value_error', 'EMPTY_OK', 'load_yaml', 'yaml_error']
 
 # timm train.py flags that cannot work here, with the reason printed when one is set.
 REFUSED: Dict[str, str] = {
@@ -37,8 +46,33 @@ REFUSED.update({dest: NAFLEX_REASON for dest in (
     'naflex_loader', 'naflex_train_seq_lens', 'naflex_max_seq_len', 'naflex_patch_sizes', 'naflex_patch_size_probs',
     'naflex_loss_scale', 'naflex_patchify_channels_first')})
 
+# Flags whose empty string is documented (off / the default); any other empty value is refused.
+EMPTY_OK = ('val_split',  # no validation
+            'dist_bn')  # no BN distribution after an epoch
+# the names timm's transforms act on (an unknown one is a KeyError deep in the data pipeline)
+INTERPOLATIONS = tuple(_str_to_torch_interpolation)
+# timm's create_scheduler_v2: any other --sched name silently gives no schedule at all
+SCHEDULERS = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt')
+_STRICT_TYPES = {int: cli_int, float: cli_float}
+
+
 def _add(group, *flags: str, **kwargs) -> None:
+    """``add_argument`` with exact number syntax (``cli_int`` / ``cli_float`` for ``int`` / ``float``)."""
+    if kwargs.get('type') in _STRICT_TYPES:
+        kwargs['type'] = _STRICT_TYPES[kwargs['type']]
     group.add_argument(*flags, **kwargs)
+
+
+class _Kwargs(ParseKwargs):
+    """timm's ``KEY=VALUE`` list (values literal-evaluated, else strings); a piece that is not exactly
+    ``identifier=value`` is a one-line error instead of timm's traceback."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for kv in values:
+            key, sep, value = kv.partition('=')
+            if not sep or not key.isidentifier() or '=' in value or not value:
+                parser.error(f'argument {option_string}: expected KEY=VALUE pairs (KEY a Python name), got {kv!r}')
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
@@ -74,13 +108,13 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--crop-pct', default=None, type=float)
     _add(g, '--mean', type=float, nargs='+', default=None)
     _add(g, '--std', type=float, nargs='+', default=None)
-    _add(g, '--interpolation', default='')
+    _add(g, '--interpolation', default='', choices=('',) + INTERPOLATIONS, help='empty: the model\'s')
     _add(g, '-b', '--batch-size', type=int, default=128, metavar='N', help='per-process batch size')
     _add(g, '-vb', '--validation-batch-size', type=int, default=None, metavar='N')
     _add(g, '--channels-last', action='store_true', default=False)
     _add(g, '--grad-accum-steps', type=int, default=1, metavar='N')
     _add(g, '--grad-checkpointing', action='store_true', default=False)
-    _add(g, '--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    _add(g, '--model-kwargs', nargs='*', default={}, action=_Kwargs)
     _add(g, '--head-init-scale', default=None, type=float)
     _add(g, '--head-init-bias', default=None, type=float)
     _add(g, '--torchcompile', nargs='?', type=str, default=None, const='inductor')
@@ -110,21 +144,22 @@ def _optim_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--momentum', type=float, default=0.9)
     _add(g, '--weight-decay', type=float, default=2e-5)
     _add(g, '--clip-grad', type=float, default=None)
-    _add(g, '--clip-mode', type=str, default='norm')
+    _add(g, '--clip-mode', type=str, default='norm', choices=('norm', 'value', 'agc'))
     _add(g, '--layer-decay', type=float, default=None)
     _add(g, '--layer-decay-min-scale', type=float, default=0)
     _add(g, '--layer-decay-no-opt-scale', type=float, default=None)
-    _add(g, '--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
+    _add(g, '--opt-kwargs', nargs='*', default={}, action=_Kwargs)
 
 
 def _sched_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Learning rate schedule')
-    _add(g, '--sched', type=str, default='cosine')
+    _add(g, '--sched', type=str, default='cosine', choices=SCHEDULERS)
     _add(g, '--sched-on-updates', action='store_true', default=False)
     _add(g, '--lr', type=float, default=None, help='default: lr-base scaled by the global batch size')
     _add(g, '--lr-base', type=float, default=0.1)
     _add(g, '--lr-base-size', type=int, default=256)
-    _add(g, '--lr-base-scale', type=str, default='')
+    _add(g, '--lr-base-scale', type=str, default='', choices=('', 'linear', 'sqrt'),
+         help='empty: sqrt for ada*/lamb optimizers, else linear')
     _add(g, '--lr-noise', type=float, nargs='+', default=None)
     _add(g, '--lr-noise-pct', type=float, default=0.67)
     _add(g, '--lr-noise-std', type=float, default=1.0)
@@ -149,7 +184,7 @@ def _sched_flags(p: argparse.ArgumentParser) -> None:
 def _aug_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Augmentation and regularization')
     _add(g, '--no-aug', action='store_true', default=False)
-    _add(g, '--train-crop-mode', type=str, default=None)
+    _add(g, '--train-crop-mode', type=str, default=None, choices=('rrc', 'rkrc', 'rkrr'))
     _add(g, '--scale', type=float, nargs='+', default=[0.08, 1.0])
     _add(g, '--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.])
     _add(g, '--hflip', type=float, default=0.5)
@@ -167,7 +202,7 @@ def _aug_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--bce-target-thresh', type=float, default=None)
     _add(g, '--bce-pos-weight', type=float, default=None)
     _add(g, '--reprob', type=float, default=0.)
-    _add(g, '--remode', type=str, default='pixel')
+    _add(g, '--remode', type=str, default='pixel', choices=('const', 'rand', 'pixel'))
     _add(g, '--recount', type=int, default=1)
     _add(g, '--resplit', action='store_true', default=False)
     _add(g, '--mixup', type=float, default=0.0)
@@ -175,10 +210,10 @@ def _aug_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--cutmix-minmax', type=float, nargs='+', default=None)
     _add(g, '--mixup-prob', type=float, default=1.0)
     _add(g, '--mixup-switch-prob', type=float, default=0.5)
-    _add(g, '--mixup-mode', type=str, default='batch')
+    _add(g, '--mixup-mode', type=str, default='batch', choices=('batch', 'pair', 'elem'))
     _add(g, '--mixup-off-epoch', default=0, type=int)
     _add(g, '--smoothing', type=float, default=0.1)
-    _add(g, '--train-interpolation', type=str, default='random')
+    _add(g, '--train-interpolation', type=str, default='random', choices=('random',) + INTERPOLATIONS)
     _add(g, '--drop', type=float, default=0.0)
     _add(g, '--drop-connect', type=float, default=None)
     _add(g, '--drop-path', type=float, default=None)
@@ -187,7 +222,8 @@ def _aug_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--bn-momentum', type=float, default=None)
     _add(g, '--bn-eps', type=float, default=None)
     _add(g, '--sync-bn', action='store_true', default=False, help='synchronized BN (CUDA only)')
-    _add(g, '--dist-bn', type=str, default='reduce', help='"broadcast", "reduce" or "" after each epoch')
+    _add(g, '--dist-bn', type=str, default='reduce', choices=('broadcast', 'reduce', ''),
+         help='"broadcast", "reduce" or "" (off) after each epoch')
     _add(g, '--split-bn', action='store_true', default=False, help='separate BN statistics per augmentation split')
     g = p.add_argument_group('Model EMA')
     _add(g, '--model-ema', action='store_true', default=False)
@@ -199,7 +235,7 @@ def _aug_flags(p: argparse.ArgumentParser) -> None:
 def _misc_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('Miscellaneous')
     _add(g, '--seed', type=int, default=42, help='seeds data order, augmentation and sub-network draws')
-    _add(g, '--worker-seeding', type=str, default='all')
+    _add(g, '--worker-seeding', type=str, default='all', choices=('all', 'part'))
     _add(g, '--log-interval', type=int, default=50, metavar='N')
     _add(g, '--val-interval', type=int, default=1, metavar='N', help='validate and checkpoint every N epochs')
     _add(g, '--recovery-interval', type=int, default=0, metavar='N', help='recovery checkpoint every N updates')
@@ -309,35 +345,31 @@ def _recipe_flags(p: argparse.ArgumentParser) -> None:
               'within 10%% of the training cost')
 
 
-class _Parser(argparse.ArgumentParser):
-    """Errors are one line (this parser's usage text would be a screenful)."""
-
-    def error(self, message: str):
-        self.exit(2, f'{self.prog}: error: {message}\n')
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, usage='%(prog)s [-h] [-c FILE] [DIR] [options]',
-                description='Train a timm model with stimulative training (ST / ST++), or without.')
+    # one-line errors (this parser's usage text would be a screenful)
+    p = OneLineParser(prog=PROG, usage='%(prog)s [-h] [-c FILE] [DIR] [options]',
+                      description='Train a timm model with stimulative training (ST / ST++), or without.')
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML of defaults (command line wins)')
     for add in (_data_flags, _model_flags, _device_flags, _optim_flags, _sched_flags, _aug_flags,
                 _recipe_flags, _misc_flags, _size_flags, _kd_flags, _stim_flags):
         add(p)
+    # '' is documented where it is the default (off) and for EMPTY_OK
+    p.empty_ok = {a.dest for a in p._actions if a.default == ''} | set(EMPTY_OK)
     return p
 
 
 def _type_name(action: argparse.Action) -> str:
-    return {int: 'an integer', float: 'a number'}.get(action.type, 'a string')
+    return {cli_int: 'an integer', cli_float: 'a number'}.get(action.type, 'a string')
 
 
 def _scalar_error(action: argparse.Action, value: Any) -> Optional[str]:
     """Why ``value`` is not what ``action`` would produce from the command line, or None."""
     if value is None:
         return None if action.default is None or action.nargs == '?' else 'must not be null'
-    if action.type is int:
+    if action.type is cli_int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif action.type is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif action.type is cli_float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -352,7 +384,8 @@ def config_value_error(action: argparse.Action, value: Any) -> Optional[str]:
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return None if isinstance(value, bool) else f'must be true or false, got {value!r}'
     if isinstance(action, ParseKwargs):
-        return None if isinstance(value, dict) else f'must be a mapping of keyword arguments, got {value!r}'
+        ok = isinstance(value, dict) and all(isinstance(k, str) and k.isidentifier() for k in value)
+        return None if ok else f'must be a mapping of keyword arguments (Python names), got {value!r}'
     if action.nargs in ('+', '*') or isinstance(action.nargs, int):
         if value is None and action.default is None:
             return None
@@ -366,12 +399,57 @@ def config_value_error(action: argparse.Action, value: Any) -> Optional[str]:
     return _scalar_error(action, value)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: the constructor below says so
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f'key {key!r} is given twice', key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(path: str) -> Any:
+    """A YAML file read strictly: UTF-8 text, no key twice in a mapping. OSError, ValueError
+    (UnicodeDecodeError) or yaml.YAMLError otherwise."""
+    with open(path, 'rb') as f:
+        text = f.read().decode('utf-8')
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def yaml_error(e: yaml.YAMLError) -> str:
+    """A YAML error as ``line L, column C: problem`` (PyYAML's text quotes the line over several)."""
+    mark = getattr(e, 'problem_mark', None)
+    problem = getattr(e, 'problem', None)
+    if mark is None or not problem:
+        return one_line(e)
+    return f'line {mark.line + 1}, column {mark.column + 1}: {one_line(problem)}'
+
+
 def _load_config(parser: argparse.ArgumentParser, path: str) -> None:
+    if os.path.isdir(path):
+        parser.error(f'config {path}: is a folder, not a file')
     try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        parser.error(f'config {path}: {getattr(e, "strerror", None) or one_line(e)}')
+        cfg = load_yaml(path)
+    except OSError as e:
+        parser.error(f'config {path}: {e.strerror or one_line(e)}')
+    except UnicodeDecodeError as e:
+        parser.error(f'config {path}: not UTF-8 text (byte {e.start}: {e.reason})')
+    except yaml.YAMLError as e:
+        parser.error(f'config {path}: not valid YAML ({yaml_error(e)})')
+    if cfg is None:
+        cfg = {}
     if not isinstance(cfg, dict):
         parser.error(f'config {path}: expected a mapping of flag names to values')
     actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
@@ -405,7 +483,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     """
     parser = build_parser()
     builtin = builtin_defaults()
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument('-c', '--config', default='')
     known, _ = pre.parse_known_args(argv)
     if known.config:

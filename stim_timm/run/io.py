@@ -1,15 +1,24 @@
-"""Files written whole or not at all, and errors as one line: the two helpers every writer and every
+"""Files written whole or not at all, and errors as one line: the helpers every writer and every
 command line of the package shares.
+
+The command lines' values follow one rule, *refuse, never reinterpret*: ``OneLineParser`` prints any
+parse error as one line (exit 2, no usage screen), takes no abbreviated flag, and refuses an empty
+string unless the flag documents one; ``cli_int`` / ``cli_float`` accept exactly decimal ASCII numbers
+(no ``' 3'``, ``'+3'``, ``'03'``, ``'３'``, ``'1_0'``, ``'nan'`` or ``'inf'``). ``file_error`` and
+``writable_error`` say in a few words why a path cannot be read or written, before any work.
 
 ``atomic_write`` writes a temp file in the destination's folder, fsyncs it and ``os.replace``s it over
 the destination: a kill at any moment leaves the previous file or the new one, never a part. The final
 file gets the permissions a plain ``open()`` would give it (temp files are created 0600).
 """
+import argparse
 import os
+import re
 import tempfile
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, NoReturn, Optional
 
-__all__ = ['TEMP_PREFIX', 'atomic_write', 'atomic_write_text', 'default_mode', 'one_line']
+__all__ = ['TEMP_PREFIX', 'atomic_write', 'atomic_write_text', 'default_mode', 'one_line', 'cli_int', 'cli_float',
+           'OneLineParser', 'file_error', 'writable_error']
 
 # Temp files of ``atomic_write`` start with this (a run folder's cleaning removes the ones a kill left).
 TEMP_PREFIX = '.tmp-'
@@ -76,3 +85,94 @@ def one_line(message: Any, lines: Optional[int] = None, secret: Optional[str] = 
     if not text:
         text = type(message).__name__ if isinstance(message, BaseException) else 'failed'
     return text[:limit] if limit else text
+
+
+# ---- command-line values ---------------------------------------------------------------------------
+_INT = re.compile(r'-?(?:0|[1-9][0-9]*)')
+_FLOAT = re.compile(r'-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?')
+
+
+def cli_int(text: str) -> int:
+    """An integer exactly as written in decimal ASCII (``-2``, ``0``, ``42``); ValueError otherwise."""
+    if not _INT.fullmatch(text):
+        raise ValueError(text)
+    return int(text)
+
+
+def cli_float(text: str) -> float:
+    """A finite number in decimal ASCII (``0.1``, ``.5``, ``1e-3``, ``-2``); ValueError otherwise."""
+    if not _FLOAT.fullmatch(text):
+        raise ValueError(text)
+    return float(text)
+
+
+cli_int.__name__, cli_float.__name__ = 'int', 'float'  # argparse says "invalid int value: 'x'"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``<prefix>error: <message>``, exit code 2.
+
+    No abbreviated flags (``--lr-b`` is not ``--lr-base``), and no empty string value (nor list item)
+    unless the flag's ``dest`` is in ``empty_ok`` (those documenting what ``''`` means).
+    ``prefix``: what precedes ``error:`` (default ``'<prog>: '``).
+    """
+
+    def __init__(self, *args, prefix: Optional[str] = None, empty_ok: Collection[str] = (), **kwargs):
+        kwargs.setdefault('allow_abbrev', False)
+        super().__init__(*args, **kwargs)
+        self.prefix = f'{self.prog}: ' if prefix is None else prefix
+        self.empty_ok = set(empty_ok)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f'{self.prefix}error: {one_line(message)}\n')
+
+    def check_empty(self, namespace: argparse.Namespace) -> None:
+        """Refuse an empty string where the flag does not document one (values from defaults too)."""
+        for action in self._actions:
+            if action.dest in self.empty_ok or action.type not in (None, str) or action.nargs == 0 or \
+                    not hasattr(namespace, action.dest):
+                continue
+            value = getattr(namespace, action.dest)
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, str) and not v.strip() for v in values):
+                name = '/'.join(action.option_strings) or action.metavar or action.dest
+                self.error(f'argument {name}: expected a value, got an empty string')
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        self.check_empty(namespace)
+        return namespace, extras
+
+
+# ---- paths ------------------------------------------------------------------------------------------
+def file_error(path: str) -> Optional[str]:
+    """Why ``path`` is not a readable file ('no such file', 'is a folder, not a file', 'cannot be read
+    (Permission denied)'), or None."""
+    if not os.path.lexists(path):
+        return 'no such file'
+    if os.path.isdir(path):
+        return 'is a folder, not a file'
+    if not os.path.exists(path):
+        return 'a broken link, no such file'
+    try:
+        with open(path, 'rb') as f:
+            f.read(1)
+    except OSError as e:
+        return f'cannot be read ({e.strerror or type(e).__name__})'
+    return None
+
+
+def writable_error(path: str) -> Optional[str]:
+    """Why ``path`` (a folder, existing or to be created) cannot be written, or None; the nearest
+    existing ancestor is probed with a real temp file (``os.access`` says yes to root on read-only mounts)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f'{probe} is a file, not a folder'
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        return f'{probe} is not writable ({e.strerror or type(e).__name__})'
+    return None
