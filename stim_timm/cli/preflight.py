@@ -372,12 +372,9 @@ def check_output(args) -> Optional[str]:
     if not ok:
         raise BadInput(f'output folder {run_dir or out_root}: {why}')
     if run_dir and os.path.isdir(run_dir) and not args.resume and not args.overwrite:
-        files = RunFolder(run_dir).files()
-        if files:
-            shown = ', '.join(files[:4]) + (', ...' if len(files) > 4 else '')
-            raise BadInput(f'output folder {run_dir} already holds a run ({shown}): add --resume '
-                           f'{RunFolder(run_dir).file(RunFolder.LAST)} to continue it, --overwrite to replace it, '
-                           f'or give another --experiment')
+        held = RunFolder(run_dir).held_message()  # None for the leftovers of a run that saved no checkpoint
+        if held:
+            raise BadInput(held)
     if run_dir and args.overwrite and args.resume and \
             os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(run_dir):
         raise BadInput(f'--overwrite would delete the run that --resume {args.resume} continues')

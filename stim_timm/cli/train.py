@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import uuid
 from contextlib import suppress
 from datetime import datetime
 from functools import partial
@@ -38,10 +39,12 @@ from ..run.checkpoint import CheckpointError, atomic_save_safetensors
 from ..run.engine import (
     LoopConfig, calibration_batches, subnet_column, subnet_eval_interval, train_one_epoch, validate, validate_subnets,
 )
-from ..run.loader_hooks import HookedLoader, recovery_hook, save_images_hook
+from ..run.loader_hooks import HookedLoader, bad_images, recovery_hook, save_images_hook
 from ..run.memory import pin_mmap_threshold
-from ..run.setup import create_datasets, create_loaders, create_stim_model, distillation_task, train_loss
-from ..run.folder import RunFolder
+from ..run.setup import (
+    create_datasets, create_loaders, create_stim_model, dataset_classes, distillation_task, train_loss,
+)
+from ..run.folder import RUN_FILES, TEMP_FILES, RunFolder
 from ..run.io import one_line
 from ..run.state import StimCheckpointSaver, apply_resume, apply_resume_ema
 from ..run.tracking import create_trackers
@@ -49,6 +52,8 @@ from .preflight import Preflight, preflight
 from .train_args import PROG, args_to_yaml, builtin_defaults, parse_args, stim_options
 
 _logger = logging.getLogger('train')
+# The files of a run that are not the partial saves of a kill.
+RunFolder_RUN_ONLY = tuple(p for p in RUN_FILES if p not in TEMP_FILES)
 # Bad input found while building (a TypeError is never bad input: it is a bug and keeps its traceback).
 SETUP_ERRORS = (ValueError, OSError, CheckpointError)
 
@@ -82,6 +87,8 @@ class TrainRun:
     saver: Optional[StimCheckpointSaver] = None
     folder: Optional[RunFolder] = None  # the run folder: args.yaml, summary.csv, weights (run.folder)
     trackers: List[Any] = field(default_factory=list)
+    classes: Optional[List[str]] = None  # the class map (class names in index order), saved with the run
+    bad_images: int = 0  # unreadable images skipped so far (reported per epoch, --max-bad-images)
     # the current epoch's metric for the scheduler and the best-checkpoint ranking (None: not validated)
     metric: Optional[float] = None
 
@@ -97,7 +104,11 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def setup_logging(primary: bool) -> None:
+    if any(getattr(h, 'stim_train', False) for h in logging.root.handlers):  # main() called again in-process
+        logging.root.setLevel(logging.INFO if primary else logging.WARNING)
+        return
     handler = logging.StreamHandler(sys.stdout)  # stderr stays for errors
+    handler.stim_train = True
     handler.setFormatter(FormatterNoInfo())
     logging.root.addHandler(handler)
     logging.root.setLevel(logging.INFO if primary else logging.WARNING)
@@ -110,6 +121,8 @@ def setup(args, pre: Preflight, parser=None) -> TrainRun:
         importlib.import_module(module)
     if args.stim_bn_images < 0 or args.stim_eval_every < 0:
         raise ValueError('--stim-bn-images and --stim-eval-every must be >= 0')
+    if args.max_bad_images is not None and args.max_bad_images < 0:
+        raise ValueError(f'--max-bad-images must be >= 0, got {args.max_bad_images}')
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     device = utils.init_distributed_device(args)
     if device.type == 'cpu':
@@ -178,13 +191,11 @@ def setup(args, pre: Preflight, parser=None) -> TrainRun:
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=eval_metric == 'loss'),
         updates_per_epoch=updates_per_epoch)
+    classes = dataset_classes(datasets[0])
     start_epoch, ckpt = 0, pre.resume
     if ckpt is not None:
-        start_epoch = apply_resume(ckpt, args.resume, task, None if args.no_resume_opt else optimizer,
-                                   lr_scheduler, None if args.no_resume_opt else loss_scaler)
-        if 'lr_scheduler' not in ckpt and start_epoch > 0:  # a timm checkpoint: step to the epoch
-            lr_scheduler.step_update(start_epoch * updates_per_epoch) if args.sched_on_updates \
-                else lr_scheduler.step(start_epoch)
+        start_epoch = resume_run(args, ckpt, task, optimizer, loss_scaler, lr_scheduler, num_epochs,
+                                 updates_per_epoch, classes)
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
@@ -194,7 +205,37 @@ def setup(args, pre: Preflight, parser=None) -> TrainRun:
         args=args, parser=parser, device=device, data_config=data_config, task=task, panel=panel, optimizer=optimizer,
         loss_scaler=loss_scaler, amp_dtype=amp_dtype, lr_scheduler=lr_scheduler, num_epochs=num_epochs,
         start_epoch=start_epoch, ckpt=ckpt, eval_metric=eval_metric, train_loader=train_loader,
-        eval_loader=eval_loader, mixup_fn=mixup_fn)
+        eval_loader=eval_loader, mixup_fn=mixup_fn, classes=classes)
+
+
+def resume_run(args, ckpt: Dict[str, Any], task, optimizer, loss_scaler, lr_scheduler, num_epochs: int,
+               updates_per_epoch: int, classes: Optional[List[str]]) -> int:
+    """Load the --resume checkpoint; the epoch to start at. Resume means continue: other classes, or
+    an --epochs that leaves nothing to train, are refused (ValueError, nothing written); a changed
+    --epochs lays the LR schedule out again over the new length, as timm's train.py does (it never
+    restores a scheduler state: it builds the schedule from the flags and steps it to the epoch)."""
+    saved = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    if classes and isinstance(ckpt.get('classes'), list) and list(ckpt['classes']) != classes:
+        raise ValueError(f'--resume {args.resume}: the checkpoint was trained on other classes '
+                         f'({len(ckpt["classes"])}: {", ".join(map(str, ckpt["classes"][:3]))}, ...) than '
+                         f'{args.train_split} of {args.data_dir} ({len(classes)}: {", ".join(classes[:3])}, ...)')
+    old_epochs = saved.get('epochs')
+    relayout = isinstance(old_epochs, int) and old_epochs != args.epochs
+    done = int(ckpt['epoch']) + (1 if ckpt.get('version', 1) > 1 else 0)
+    first = args.start_epoch if args.start_epoch is not None else done
+    if first >= num_epochs:
+        raise ValueError(f'--resume {args.resume}: the checkpoint has completed {done} epochs and --epochs '
+                         f'{args.epochs} leaves nothing to train' + (f' (the run is complete)' if not relayout else '')
+                         + f': give --epochs {done + 1} or more to continue it')
+    start_epoch = apply_resume(ckpt, args.resume, task, None if args.no_resume_opt else optimizer,
+                               None if relayout else lr_scheduler, None if args.no_resume_opt else loss_scaler)
+    if ('lr_scheduler' not in ckpt or relayout) and start_epoch > 0:  # step the new schedule to the epoch
+        lr_scheduler.step_update(start_epoch * updates_per_epoch) if args.sched_on_updates \
+            else lr_scheduler.step(start_epoch)
+    if relayout:
+        _logger.info(f'Resume: --epochs {args.epochs}, the checkpoint\'s run had {old_epochs}: the LR schedule is '
+                     f'laid out again over {num_epochs} epochs (as timm\'s train.py), continuing at epoch {start_epoch}')
+    return start_epoch
 
 
 def prepare(run: TrainRun) -> None:
@@ -223,20 +264,39 @@ def prepare(run: TrainRun) -> None:
         synchronize_step=args.synchronize_step, tta=args.tta)
     if not utils.is_primary(args):
         return
-    name = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model),
-                                        str(run.data_config['input_size'][-1])])
-    run.output_dir = utils.get_outdir(args.output or './output/train', name)
-    run.folder = RunFolder(run.output_dir)
-    # --overwrite: the earlier run's files go (never mixed with this run's); always: partial saves of a kill
-    run.folder.clean(everything=args.overwrite and not args.resume)
+    name = args.experiment
+    root = args.output or './output/train'
+    if name:
+        run.folder = RunFolder(os.path.join(root, name))
+    else:  # a generated name: a new folder no other run has (-1, -2, ... within the same second)
+        run.folder = RunFolder.unique(root, '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'),
+                                                      safe_model_name(args.model),
+                                                      str(run.data_config['input_size'][-1])]))
+        name = os.path.basename(run.folder.path)
+    run.output_dir = run.folder.path
+    run.folder.lock()  # one process per run folder; checked again under the lock
+    problem = run.folder.owner_problem(args.resume, run.ckpt, args.overwrite)
+    if problem:
+        raise ValueError(problem)
+    in_place = bool(args.resume) and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), run.output_dir)
+    # --overwrite, or a folder whose run saved no checkpoint: the earlier files go (never mixed with this
+    # run's); always: partial saves of a kill
+    leftovers = not in_place and not run.folder.checkpoints() and bool(run.folder.files(RunFolder_RUN_ONLY))
+    if leftovers:
+        _logger.info(f'{run.output_dir}: removing the files of a run that saved no checkpoint '
+                     f'({", ".join(run.folder.files(RunFolder_RUN_ONLY))})')
+    run.folder.clean(everything=args.overwrite or leftovers)
+    run_id = (run.folder.records().get('run_id') or (run.ckpt or {}).get('run_id')) if in_place else None
+    run_id = run_id or uuid.uuid4().hex
+    run.folder.hold_records(run_id=run_id, **({'classes': run.classes} if run.classes else {}))
     run.folder.write_args(args_to_yaml(args, run.parser))
     run.saver = StimCheckpointSaver(
         model=task.get_trainable_module(), optimizer=run.optimizer, args=args, amp_scaler=run.loss_scaler,
         checkpoint_dir=run.output_dir, recovery_dir=run.output_dir, decreasing=run.eval_metric == 'loss',
-        max_history=args.checkpoint_hist, task=task, lr_scheduler=run.lr_scheduler, arch=args.model)
+        max_history=args.checkpoint_hist, task=task, lr_scheduler=run.lr_scheduler, arch=args.model,
+        folder=run.folder, extra=dict(run_id=run_id, **({'classes': run.classes} if run.classes else {})))
     run.folder.truncate_summary(run.start_epoch)  # rows of epochs this run (re)trains go
-    if run.ckpt and run.ckpt.get('saver') and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)),
-                                                               run.output_dir):
+    if run.ckpt and run.ckpt.get('saver') and in_place:
         run.saver.load_state_dict(run.ckpt['saver'])  # best-checkpoint ranking continues
     run.trackers = create_trackers(args, name, run.output_dir)
 
@@ -272,6 +332,7 @@ def run_epoch(run: TrainRun, epoch: int) -> Dict[str, Any]:
         kept = f'the last good checkpoint is {last}' if last and os.path.isfile(last) else 'no checkpoint was saved'
         raise TrainingStopped(f'epoch {epoch}: the training loss is {train["loss"]} (KL {train["kl_loss"]}): '
                               f'stopped, this epoch is not saved; {kept}')
+    check_bad_images(run, epoch)
     model = task.get_trainable_module()
     if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
         utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
@@ -300,11 +361,32 @@ def run_epoch(run: TrainRun, epoch: int) -> Dict[str, Any]:
     return row
 
 
+def check_bad_images(run: TrainRun, epoch: int, what: str = 'training') -> None:
+    """Report the unreadable images skipped this epoch (timm replaces each by the next image); stop
+    when the total passes --max-bad-images. Every rank counts its own share; DDP sums them."""
+    loaders = [run.train_loader] + ([run.eval_loader] if run.eval_loader is not None else [])
+    total = sum(bad_images(loader.dataset) for loader in loaders)
+    if run.args.distributed:
+        t = torch.tensor([total], dtype=torch.float64, device=run.device)
+        torch.distributed.all_reduce(t)
+        total = int(t.item())
+    new, run.bad_images = total - run.bad_images, total
+    if new and utils.is_primary(run.args):
+        _logger.warning(f'epoch {epoch}: {new} unreadable images skipped (each replaced by the next image, as '
+                        f'timm does); {total} in this run so far')
+    limit = run.args.max_bad_images
+    if limit is not None and total > limit:
+        raise TrainingStopped(f'epoch {epoch}: {total} unreadable images were skipped, more than --max-bad-images '
+                              f'{limit}: stopped, this epoch is not saved; fix or remove the images (timm logs each '
+                              f'one as "Skipped sample")')
+
+
 def save_epoch(run: TrainRun, epoch: int, row: Dict[str, Any]) -> None:
     """Summary row, best weights, then the checkpoint: a kill between two of them leaves files that
     the resume (which re-runs the epoch of the last complete checkpoint) rewrites identically."""
     if run.saver is None:
         return
+    run.folder.keep_records()  # run.json from the first saved epoch on
     run.folder.append_summary(row)
     for tracker in run.trackers:
         tracker.log(epoch, row)
@@ -317,7 +399,7 @@ def save_epoch(run: TrainRun, epoch: int, row: Dict[str, Any]) -> None:
         path = run.folder.file(RunFolder.BEST_SAFETENSORS)
         atomic_save_safetensors(state['state_dict_ema' if ema else 'state_dict'], path, metadata={
             'arch': run.args.model, 'num_classes': str(run.args.num_classes), 'epoch': str(epoch),
-            'weights': 'ema' if ema else 'model'})
+            'weights': 'ema' if ema else 'model'}, folder=run.folder)
     saver.save_checkpoint(epoch, metric=run.metric)
 
 
@@ -362,14 +444,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(primary=int(os.environ.get('RANK', '0')) == 0)
     try:
         pre = preflight(args, builtin_defaults())  # everything checkable without data or a real model
+        if pre.run_dir and int(os.environ.get('RANK', '0')) == 0:  # the folder's owner, before anything is built
+            problem = RunFolder(pre.run_dir).owner_problem(args.resume, pre.resume, args.overwrite)
+            if problem:
+                raise ValueError(problem)
         run = setup(args, pre, parser)
     except SETUP_ERRORS as e:
         fail(str(e))
-    prepare(run)
+    try:
+        return _prepare_and_train(args, run)
+    finally:
+        if run.folder is not None:
+            run.folder.unlock()
+
+
+def _prepare_and_train(args, run: TrainRun) -> int:
+    try:
+        prepare(run)
+    except SETUP_ERRORS as e:  # the run folder is another run's or in use (2); or a write failed, e.g. disk full (1)
+        fail(str(e), code=1 if isinstance(e, OSError) else 2)
     try:
         row = train(run)
     except TrainingStopped as e:
         fail(str(e), code=1)
+    except OSError as e:  # e.g. the disk filled up: the files saved before stay whole
+        last = run.folder.newest_checkpoint() if run.folder else None
+        fail(f'{one_line(e)}: stopped; ' + (f'the last complete checkpoint is {last}' if last else
+                                            'no checkpoint was saved'), code=1)
     if args.distributed:
         torch.distributed.destroy_process_group()
     if run.saver is not None and run.saver.best_metric is not None:

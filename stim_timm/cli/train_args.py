@@ -340,6 +340,9 @@ def _recipe_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--stim-bn-images', type=int, default=256, metavar='N',
          help="re-estimate each validated sub-network's BN statistics on N training images; 0: use the "
               "full network's")
+    _add(g, '--max-bad-images', type=int, default=None, metavar='N',
+         help='stop the run when more than N unreadable images were skipped in total (timm replaces each by '
+              'the next image; the count is reported at the end of every epoch); default: no limit')
     _add(g, '--stim-eval-every', type=int, default=0, metavar='E',
          help='validate the sub-networks every E epochs (and at the last); 0: the interval keeping it '
               'within 10%% of the training cost')

@@ -20,6 +20,8 @@ from huggingface_hub import ModelCard
 from timm.models import save_for_hf
 
 from ..run.checkpoint import read_torch_checkpoint
+from ..run.folder import RunFolder
+from ..run.io import default_mode
 from .card import Top1, build_card, retarget_card, write_card
 from .hub import upload_folder, validate_hub_repo_id
 from ..models.official import (
@@ -144,9 +146,15 @@ def _card(c: Converted, repo_id: Optional[str]) -> ModelCard:
 
 def write_folder(c: Converted, out_dir: str, repo_id: Optional[str] = None) -> List[str]:
     """``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``) + ``README.md``; their paths."""
+    problem = RunFolder(out_dir).output_problem('OUT_DIR')
+    if problem:
+        raise ConvertError(problem)
     save_for_hf(c.model, out_dir, safe_serialization=True)
     write_card(_card(c, repo_id), out_dir)
-    return [os.path.join(out_dir, n) for n in ('model.safetensors', 'config.json', 'README.md')]
+    paths = [os.path.join(out_dir, n) for n in ('model.safetensors', 'config.json', 'README.md')]
+    for path in paths:
+        default_mode(path)  # the user's umask (safetensors writes 0600)
+    return paths
 
 
 def convert(src: str, out_dir: str, model_name: Optional[str] = None,
@@ -154,6 +162,9 @@ def convert(src: str, out_dir: str, model_name: Optional[str] = None,
     """Check everything (the repo id too), then write OUT_DIR; ``repo_id`` then uploads it."""
     if repo_id:
         validate_hub_repo_id(repo_id)
+    problem = RunFolder(out_dir).output_problem('OUT_DIR')  # a run folder belongs to its run
+    if problem:
+        raise ConvertError(problem)
     c = load_official(src, model_name)
     write_folder(c, out_dir, repo_id)
     if repo_id:

@@ -28,9 +28,12 @@ from huggingface_hub import ModelCard
 from timm.models import PretrainedCfg, get_model_args, model_entrypoint, save_for_hf
 
 from ..models.subnet import format_depths, get_stim_model, validate_depths
+from ..run.folder import RunFolder
+from ..run.io import default_mode
 from .card import build_card
 
-__all__ = ['export_subnet', 'plain_architecture', 'needs_plugin', 'save_plain_model', 'export_card']
+__all__ = ['export_subnet', 'plain_architecture', 'needs_plugin', 'save_plain_model', 'export_card',
+           'check_output_folder']
 
 # Weight-source and provenance fields of the *base* cfg: they describe someone else's weights.
 _SOURCE_KEYS = ('url', 'file', 'state_dict', 'hf_hub_id', 'hf_hub_filename', 'source', 'tag', 'origin_url',
@@ -106,10 +109,22 @@ def export_subnet(model: nn.Module, depths: Optional[Sequence[int]] = None) -> n
     return plain
 
 
+def check_output_folder(out_dir: str, what: str = 'output folder') -> None:
+    """ValueError (one line) when ``out_dir`` is a training run's folder: no tool writes there."""
+    problem = RunFolder(out_dir).output_problem(what)
+    if problem:
+        raise ValueError(problem)
+
+
 def save_plain_model(plain: nn.Module, out_dir: str, data_config: Optional[Dict[str, Any]] = None) -> List[str]:
-    """Write ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``); returns the paths."""
+    """Write ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf``) with the user's umask (not
+    0600); returns the paths. A training run's folder is refused (ValueError) before anything is written."""
+    check_output_folder(out_dir)
     save_for_hf(plain, out_dir, safe_serialization=True, data_config=data_config)
-    return [os.path.join(out_dir, n) for n in ('model.safetensors', 'config.json')]
+    paths = [os.path.join(out_dir, n) for n in ('model.safetensors', 'config.json')]
+    for path in paths:
+        default_mode(path)
+    return paths
 
 
 def export_card(arch: str, depths: Tuple[int, ...], full: Tuple[int, ...], source: str, params: int,

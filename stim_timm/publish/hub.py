@@ -196,8 +196,12 @@ def build_hub_folder(checkpoint: str, out_dir: str, repo_id: Optional[str] = Non
     ``save_for_hf``, naming the plain timm architecture), ``README.md`` and, when sub-network
     accuracies are known (an analyze result in the run folder, else summary.csv), ``loafing.png``.
 
-    Returns ``out_dir``. Raises HubError for an unreadable checkpoint; the checkpoint is only read.
+    Returns ``out_dir``. Raises HubError for an unreadable checkpoint or an ``out_dir`` that is a
+    training run's folder (checked first); the checkpoint is only read.
     """
+    problem = RunFolder(out_dir).output_problem('the output folder')
+    if problem:
+        raise HubError(problem)
     try:
         model, weights = load_trained_model(checkpoint)
     except CheckpointError as e:

@@ -7,7 +7,7 @@ file of a run folder holds the weights, and its ``args.yaml``, come from ``stim_
 import argparse
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,18 +16,15 @@ from timm.data import resolve_data_config
 from timm.models import clean_state_dict
 
 from ..models import create_stimulative
-from .folder import RunFolder
+from .folder import CheckpointError, RunFolder
 from .io import atomic_write, one_line
 
 __all__ = ['CheckpointError', 'TrainedWeights', 'resolve_weights', 'load_trained_model', 'atomic_torch_save',
-           'atomic_save_safetensors', 'read_torch_checkpoint', 'run_data_config', 'run_train_transform']
+           'atomic_save_safetensors', 'read_torch_checkpoint', 'verify_run_file', 'run_data_config',
+           'run_train_transform']
 
 # The data flags of a run that set its eval preprocessing.
 _DATA_ARGS = ('input_size', 'img_size', 'in_chans', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or does not match the model."""
 
 
 @dataclass
@@ -38,24 +35,41 @@ class TrainedWeights:
     model: Optional[str] = None
     num_classes: Optional[int] = None
     args: Dict[str, Any] = field(default_factory=dict)
+    classes: Optional[List[str]] = None  # the run's class map (class names in index order), when recorded
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` through ``run.io.atomic_write``."""
+def atomic_torch_save(obj: Any, path: str, folder: Optional[RunFolder] = None) -> None:
+    """``torch.save`` through ``run.io.atomic_write`` (``folder``: its ``write_file``, which records
+    the file's sha256 in the run's records)."""
     def write(tmp: str) -> None:
         with open(tmp, 'wb') as f:
             torch.save(obj, f)
-    atomic_write(path, write)
+    if folder is not None:
+        folder.write_file(os.path.basename(path), write)
+    else:
+        atomic_write(path, write)
 
 
 def atomic_save_safetensors(state_dict: Dict[str, torch.Tensor], path: str,
-                            metadata: Optional[Dict[str, str]] = None) -> None:
+                            metadata: Optional[Dict[str, str]] = None, folder: Optional[RunFolder] = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    if folder is not None:
+        folder.write_file(os.path.basename(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    else:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def verify_run_file(path: str) -> None:
+    """A file of a run folder must have the sha256 the run recorded for it (run.json beside it);
+    CheckpointError naming the file otherwise. Files outside a run folder are not checked."""
+    if os.path.isfile(path):
+        RunFolder(os.path.dirname(os.path.abspath(path))).verify(path)
 
 
 def read_torch_checkpoint(path: str) -> Any:
-    """``torch.load(weights_only=True)``; argparse.Namespace (timm saves its args) is allowed."""
+    """``torch.load(weights_only=True)``; argparse.Namespace (timm saves its args) is allowed. A file
+    of a run folder is checked against the run's sha256 record first."""
+    verify_run_file(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -88,6 +102,7 @@ def resolve_weights(path: str, ema: bool = False) -> TrainedWeights:
         run_args = RunFolder(os.path.dirname(os.path.abspath(path))).read_args()
 
     if path.endswith('.safetensors'):
+        verify_run_file(path)
         try:
             with safe_open(path, framework='pt') as f:
                 meta = f.metadata() or {}
@@ -96,7 +111,8 @@ def resolve_weights(path: str, ema: bool = False) -> TrainedWeights:
             raise CheckpointError(f'{path}: not a readable safetensors file ({one_line(e)})') from None
         model = meta.get('arch') or run_args.get('model')
         num_classes = meta.get('num_classes') or run_args.get('num_classes')
-        return TrainedWeights(path, sd, model, int(num_classes) if num_classes else None, run_args)
+        return TrainedWeights(path, sd, model, int(num_classes) if num_classes else None, run_args,
+                              RunFolder(os.path.dirname(os.path.abspath(path))).classes())
 
     ckpt = read_torch_checkpoint(path)
     if not isinstance(ckpt, dict):
@@ -110,7 +126,10 @@ def resolve_weights(path: str, ema: bool = False) -> TrainedWeights:
     model = ckpt.get('arch') if isinstance(ckpt.get('arch'), str) and key else None
     model = args.get('model') or model
     num_classes = args.get('num_classes') or ckpt.get('num_classes')
-    return TrainedWeights(path, clean_state_dict(sd), model, int(num_classes) if num_classes else None, args)
+    classes = ckpt.get('classes') if isinstance(ckpt.get('classes'), list) else \
+        RunFolder(os.path.dirname(os.path.abspath(path))).classes()
+    return TrainedWeights(path, clean_state_dict(sd), model, int(num_classes) if num_classes else None, args,
+                          classes)
 
 
 def load_trained_model(path: str, model_name: Optional[str] = None, num_classes: Optional[int] = None,

@@ -2,20 +2,22 @@
 loaders, the training loss. Every bad-input failure here is a ValueError with one line naming the
 model or folder, raised before the script writes anything."""
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader
+from timm.data import AugMixDataset, FastCollateMixup, ImageDataset, Mixup, create_dataset, create_loader
+from timm.data.readers.img_extensions import get_img_extensions
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
 
 from ..models import create_stimulative
 from .io import one_line
+from .loader_hooks import count_bad_images
 from .transforms import add_lighting
 
 __all__ = ['create_stim_model', 'create_datasets', 'create_loaders', 'train_loss',
-           'distillation_task']
+           'distillation_task', 'dataset_classes', 'check_class_folders']
 
 
 def create_stim_model(args, stim_on: bool = True, small_inputs: bool = False) -> nn.Module:
@@ -47,18 +49,68 @@ def create_stim_model(args, stim_on: bool = True, small_inputs: bool = False) ->
     return model
 
 
+def _class_folder_problem(folder: str) -> Optional[str]:
+    """Why a class folder gives no images (unreadable, or no image file anywhere in it), or None."""
+    exts = get_img_extensions(as_set=True)
+    errors: List[OSError] = []
+    found = False
+    for _, _, files in os.walk(folder, followlinks=True, onerror=errors.append):
+        if any(os.path.splitext(f)[1].lower() in exts for f in files):
+            found = True
+            break
+    if errors:
+        e = errors[0]
+        return f'class folder {e.filename or folder}: unreadable ({e.strerror or type(e).__name__})'
+    return None if found else f'class folder {folder}: no images (an empty class would shift every later ' \
+                              f'class index; add its images or remove the folder)'
+
+
+def check_class_folders(split_dir: str) -> List[str]:
+    """The class folders of an image-folder split, sorted as timm sorts them; ValueError naming the
+    first one that is empty or unreadable (timm would drop it and shift the later classes' indices)."""
+    try:
+        names = [e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.')]
+    except OSError as e:
+        raise ValueError(f'split folder {split_dir}: unreadable ({e.strerror or type(e).__name__})') from None
+    for name in sorted(names):
+        problem = _class_folder_problem(os.path.join(split_dir, name))
+        if problem:
+            raise ValueError(problem)
+    return names
+
+
+def _reader(ds: Any) -> Any:
+    ds = getattr(ds, 'dataset', ds)  # AugMixDataset wraps the image dataset
+    return getattr(ds, 'reader', None)
+
+
+def dataset_classes(ds: Any) -> Optional[List[str]]:
+    """The class map of a dataset as class names in index order (None when the reader has none)."""
+    class_to_idx = getattr(_reader(ds), 'class_to_idx', None)
+    if not isinstance(class_to_idx, dict) or not class_to_idx:
+        return None
+    return [str(c) for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
+
+
 def create_datasets(args, data_config) -> Tuple[Any, Optional[Any]]:
-    """Train / eval datasets; a missing folder or one without images is a ValueError naming it."""
+    """Train / eval datasets; a missing folder or one without images is a ValueError naming it.
+
+    Image folders: every class folder of a split must hold readable images (an empty one is refused,
+    naming it), and the eval split must have exactly the training split's classes; both use the
+    training split's class map (``dataset_classes``), which the run saves. Unreadable images are
+    counted (``loader_hooks.count_bad_images``)."""
     if not args.data_dir and not args.dataset:
         raise ValueError('no data: give the dataset root (positional DIR or --data-dir)')
     if not args.dataset and not os.path.isdir(args.data_dir):
         raise ValueError(f'data dir {args.data_dir}: no such directory')
-    common = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
+    common = dict(root=args.data_dir, download=args.dataset_download,
                   batch_size=args.batch_size, input_key=args.input_key, target_key=args.target_key,
                   input_img_mode=args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L'),
                   trust_remote_code=args.dataset_trust_remote_code)
     splits = [(args.train_split, True, args.train_num_samples), (args.val_split, False, args.val_num_samples)]
     out = []
+    class_map: Any = args.class_map
+    train_classes: Optional[List[str]] = None
     for split, training, num in splits:
         if not split:
             out.append(None)
@@ -66,11 +118,30 @@ def create_datasets(args, data_config) -> Tuple[Any, Optional[Any]]:
         try:
             extra = dict(repeats=args.epoch_repeats) if training and args.epoch_repeats else {}
             ds = create_dataset(args.dataset, split=split, is_training=training, seed=args.seed,
-                                num_samples=num, **common, **extra)
+                                num_samples=num, class_map=class_map, **common, **extra)
         except RuntimeError as e:  # timm's reader: no images found
             raise ValueError(f'{split} split of {args.data_dir}: no images ({e})') from None
         if not isinstance(ds, torch.utils.data.IterableDataset) and len(ds) == 0:
             raise ValueError(f'{split} split of {args.data_dir}: no images')
+        root = getattr(_reader(ds), 'root', None)
+        if type(ds) is ImageDataset and isinstance(root, str) and os.path.isdir(root):
+            folders = check_class_folders(root)
+            classes = dataset_classes(ds) or []
+            if training:
+                train_classes = classes
+                if not args.class_map:
+                    class_map = dict(ds.reader.class_to_idx)  # the eval split uses the same indices
+                    missing = sorted(set(folders) - set(classes))
+                    if missing:  # a folder timm did not see (e.g. images only in unreadable places)
+                        raise ValueError(f'class folder {os.path.join(root, missing[0])}: no readable images')
+            elif train_classes is not None and not args.class_map and sorted(folders) != sorted(train_classes):
+                extra_ = sorted(set(folders) - set(train_classes))
+                lacking = sorted(set(train_classes) - set(folders))
+                raise ValueError(f'{split} split of {args.data_dir}: its classes differ from the {args.train_split} '
+                                 f"split's (" + '; '.join(
+                                     ([f"not in {args.train_split}: {', '.join(extra_[:3])}"] if extra_ else []) +
+                                     ([f"missing: {', '.join(lacking[:3])}"] if lacking else [])) + ')')
+            count_bad_images(ds)
         if training and args.aug_splits > 1:
             ds = AugMixDataset(ds, num_splits=args.aug_splits)  # clean + augmented views of each image
         out.append(ds)
