@@ -12,23 +12,25 @@ Outputs in ``--out``: ``subnets.csv``, ``subnets.json`` (``{"meta": ..., "rows":
 the model) from ``--recalibrate-bn B`` training batches with the run's own training augmentation (default 2;
 ``0``: the full network's statistics, which understate every sub-network).
 """
-import argparse
 import copy
 import csv
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import yaml
 
 from ..eval.bn import bn_layers
-from ..eval.evaluate import eval_loader, evaluate
+from ..eval.evaluate import _check_split, eval_loader, evaluate
 from ..eval.flops import subnet_flops
 from ..eval.plot import plot_loafing
 from ..method.sampling import SubnetSampler, parse_panel
 from ..models.subnet import format_depths, get_stim_model, validate_depths
 from ..run.checkpoint import CheckpointError, load_trained_model, run_data_config, run_train_transform
+from ..run.io import OneLineParser, cli_int, file_error, one_line, writable_error
 
-__all__ = ['analyze_checkpoints', 'write_results', 'main']
+__all__ = ['analyze_checkpoints', 'write_results', 'main', 'check_sources', 'check_split', 'check_out']
 
 CSV_FIELDS = ('checkpoint', 'model', 'depths', 'blocks_kept', 'total_blocks', 'rel_flops', 'gflops', 'top1', 'top5',
               'is_full', 'images', 'bn', 'path')
@@ -145,37 +147,82 @@ def write_results(rows: Sequence[Dict[str, Any]], out_dir: str, meta: Optional[D
 
 # ------------------------------------------------------------------------------------------------- CLI
 
+def check_sources(paths: Sequence[str]) -> None:
+    """Every checkpoint argument is a folder or a readable file (ValueError: one line)."""
+    for p in paths:
+        why = None if os.path.isdir(p) else ('no such file or folder' if not os.path.lexists(p) else file_error(p))
+        if why:
+            raise ValueError(f'{p}: {why}')
+
+
+def check_split(data_dir: str, split: str, flag: str) -> None:
+    """``split`` is readable as the evaluation will read it (``eval.evaluate``'s check, done up front)."""
+    try:
+        _check_split(data_dir, split)
+    except ValueError as e:
+        raise ValueError(f'{flag} {split}: {one_line(e)}') from None
+
+
+def check_out(out: str, flag: str = '--out') -> None:
+    """The output folder can be created and written (checked before any work)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f'{flag} {out}: is a file, not a folder')
+    why = writable_error(out)
+    if why:
+        raise ValueError(f'{flag} {out}: {why}')
+
+
+def _check_args(args) -> Optional[List[Tuple[int, ...]]]:
+    """Every value, before any checkpoint or image is read; the parsed --depths-list."""
+    for flag, value, low in (('--subnets', args.subnets, 0), ('--recalibrate-bn', args.recalibrate_bn, 0),
+                             ('--batch-size', args.batch_size, 1), ('--workers', args.workers, 0),
+                             ('--max-images', args.max_images, 1), ('--num-classes', args.num_classes, 1),
+                             ('--seed', args.seed, 0)):
+        if value is not None and value < low:
+            raise ValueError(f'{flag} must be {low} or more, got {value}')
+    if args.labels is not None and len(args.labels) != len(args.checkpoints):
+        raise ValueError(f'--labels: {len(args.labels)} labels for {len(args.checkpoints)} checkpoints')
+    if args.labels is not None and len(set(args.labels)) != len(args.labels):
+        raise ValueError(f'--labels: a label is given twice ({", ".join(args.labels)})')
+    panel = parse_panel(args.depths_list) if args.depths_list is not None else None
+    check_sources(args.checkpoints)
+    if not os.path.isdir(args.data_dir):
+        raise ValueError(f'--data-dir {args.data_dir}: ' + ('is a file, not a folder' if os.path.exists(args.data_dir)
+                                                           else 'no such folder'))
+    check_split(args.data_dir, args.split, '--split')
+    if args.recalibrate_bn > 0:
+        check_split(args.data_dir, args.train_split, '--train-split')
+    check_out(args.out)
+    return panel
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog='stim-analyze',
+    parser = OneLineParser(
+        prog='stim-analyze', prefix='',
         description='Evaluate the sub-networks of trained models and plot top-1 against relative FLOPs.')
     parser.add_argument('checkpoints', nargs='+', metavar='CKPT',
                         help='train_stim.py output folder, .pth(.tar) or .safetensors (several: one colour each)')
     parser.add_argument('--data-dir', required=True, help='ImageFolder root holding the split folders')
     parser.add_argument('--split', default='test', help='evaluation split (default: test)')
-    parser.add_argument('--subnets', type=int, default=20, help='sub-networks besides the full one (default 20)')
+    parser.add_argument('--subnets', type=cli_int, default=20, help='sub-networks besides the full one (default 20)')
     parser.add_argument('--depths-list', default=None, help='explicit panel instead, e.g. "3,3,3;1,1,1"')
     parser.add_argument('--out', default='output/analyze', help='output folder (default: output/analyze)')
     parser.add_argument('--model', default=None, help='model name, for bare weights files')
-    parser.add_argument('--num-classes', type=int, default=None, help='class count, for bare weights files')
+    parser.add_argument('--num-classes', type=cli_int, default=None, help='class count, for bare weights files')
     parser.add_argument('--labels', nargs='+', default=None, help='legend labels, one per checkpoint')
-    parser.add_argument('--recalibrate-bn', type=int, default=2, metavar='BATCHES',
+    parser.add_argument('--recalibrate-bn', type=cli_int, default=2, metavar='BATCHES',
                         help="re-estimate BN statistics of each sub-network on BATCHES training batches "
                              "(the run's training augmentation; default 2; 0: the full network's statistics)")
     parser.add_argument('--train-split', default='train', help='split used by --recalibrate-bn')
-    parser.add_argument('--max-images', type=int, default=None, help='evaluate a fixed random subset')
-    parser.add_argument('-b', '--batch-size', type=int, default=128)
-    parser.add_argument('-j', '--workers', type=int, default=2)
-    parser.add_argument('--seed', type=int, default=0, help='fixes the panel and any subset')
+    parser.add_argument('--max-images', type=cli_int, default=None, help='evaluate a fixed random subset')
+    parser.add_argument('-b', '--batch-size', type=cli_int, default=128)
+    parser.add_argument('-j', '--workers', type=cli_int, default=2)
+    parser.add_argument('--seed', type=cli_int, default=0, help='fixes the panel and any subset')
     parser.add_argument('--title', default=None, help='plot title (default: model, data and split)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar on stderr')
     args = parser.parse_args(argv)
     try:
-        if args.subnets < 0 or args.recalibrate_bn < 0 or args.batch_size < 1:
-            raise ValueError('--subnets, --recalibrate-bn must be >= 0 and --batch-size >= 1')
-        if not os.path.isdir(args.data_dir):
-            raise ValueError(f'{args.data_dir}: no such data folder')
-        panel = parse_panel(args.depths_list) if args.depths_list else None
+        panel = _check_args(args)
         rows = analyze_checkpoints(
             args.checkpoints, args.data_dir, args.split, args.subnets, panel, args.model, args.num_classes,
             args.labels, args.recalibrate_bn, args.train_split, args.batch_size, args.workers, args.max_images,
@@ -187,8 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         title = args.title or f"{', '.join(models)} on {os.path.basename(os.path.abspath(args.data_dir))}/" \
                               f"{args.split} ({rows[0]['images']} images)"
         paths = write_results(rows, args.out, meta, title)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (CheckpointError, ValueError, OSError, yaml.YAMLError) as e:  # ValueError: UnicodeDecodeError too
+        print(f'error: {one_line(e)}', file=sys.stderr)
         return 2
     for r in rows:
         print(f"{r['checkpoint']:<24s}  {format_depths(r['depths']):>14s}  blocks {r['blocks_kept']:3d}  "

@@ -2,21 +2,25 @@
 
     stim-convert THEIR.pth.tar OUT_DIR [--model stim_resnet50.stpp_in1k] [--push-to-hub ORG/NAME]
 """
-import argparse
+import os
 import sys
 from typing import Optional, Sequence
+
+import yaml
 
 from ..models.official import STAGE_DEPTHS, OfficialCheckpointError
 from ..publish.convert import ConvertError, convert
 from ..publish.hub import HubError
 from ..run.checkpoint import CheckpointError
+from ..run.io import OneLineParser, file_error, one_line
+from .analyze import check_out
 
 __all__ = ['main']
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='stim-convert',
-                                     description="Convert the ST/ST++ authors' ImageNet checkpoint to a timm folder.")
+    parser = OneLineParser(prog='stim-convert', prefix='',
+                           description="Convert the ST/ST++ authors' ImageNet checkpoint to a timm folder.")
     parser.add_argument('src', help="their .pth.tar (or a bare state_dict), e.g. model_best.pth.tar")
     parser.add_argument('out_dir', help='folder for model.safetensors, config.json, README.md')
     parser.add_argument('--model', default=None,
@@ -24,10 +28,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              '(stim_resnet50.stpp_in1k); default: the depth read from the keys')
     parser.add_argument('--push-to-hub', default=None, metavar='REPO_ID', help='then upload OUT_DIR to ORG/NAME')
     args = parser.parse_args(argv)
-    try:
+    try:  # every value before the (large) checkpoint is read or a file written
+        why = file_error(args.src)
+        if why:
+            raise ValueError(f'{args.src}: {why}')
+        check_out(args.out_dir, 'OUT_DIR')
+        if args.push_to_hub:
+            from .preflight import check_hub
+            check_hub(args.push_to_hub, '--push-to-hub', offline=False)
         c = convert(args.src, args.out_dir, args.model, args.push_to_hub)
-    except (ConvertError, OfficialCheckpointError, CheckpointError, HubError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (ConvertError, OfficialCheckpointError, CheckpointError, HubError, OSError, ValueError,
+            yaml.YAMLError) as e:
+        print(f'error: {one_line(e)}', file=sys.stderr)
         return 2
     depths = '-'.join(map(str, STAGE_DEPTHS[c.depth]))
     print(f'{args.src}: official ResNet-{c.depth} (blocks per stage {depths}), '

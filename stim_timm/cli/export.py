@@ -2,12 +2,12 @@
 
     stim-export CKPT --depths 3,3,4,3 --out DIR [--data-dir D] [--push-to-hub ORG/NAME]
 """
-import argparse
 import os
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch.nn as nn
+import yaml
 
 from ..eval.bn import reestimate_bn
 from ..eval.evaluate import eval_loader
@@ -16,6 +16,8 @@ from ..publish.card import write_card
 from ..publish.export import export_card, export_subnet, needs_plugin, plain_architecture, save_plain_model
 from ..publish.hub import HubError, upload_folder
 from ..run.checkpoint import CheckpointError, load_trained_model, run_data_config, run_train_transform
+from ..run.io import OneLineParser, cli_int, one_line
+from .analyze import check_out, check_sources, check_split
 
 __all__ = ['main']
 
@@ -33,15 +35,41 @@ def _reestimate_subnet_bn(model: nn.Module, depths: Tuple[int, ...], args, data_
     return reestimate_bn(model, batches, depths)
 
 
+def _check_args(args, parser) -> Tuple[int, ...]:
+    """Every value, before the checkpoint is read or a file written; the parsed --depths."""
+    depths = parse_depths(args.depths)
+    for flag, value, low in (('--bn-batches', args.bn_batches, 0), ('--batch-size', args.batch_size, 1),
+                             ('--num-classes', args.num_classes, 1)):
+        if value is not None and value < low:
+            raise ValueError(f'{flag} must be {low} or more, got {value}')
+    for dest, needed in (('hub_private', 'push_to_hub'), ('hub_revision', 'push_to_hub'),
+                         ('train_split', 'data_dir'), ('bn_batches', 'data_dir')):
+        if getattr(args, dest) != parser.get_default(dest) and not getattr(args, needed):
+            raise ValueError(f"--{dest.replace('_', '-')} needs --{needed.replace('_', '-')} (without it the flag "
+                             f"would be ignored)")
+    check_sources([args.checkpoint])
+    if args.data_dir is not None:
+        if not os.path.isdir(args.data_dir):
+            raise ValueError(f'--data-dir {args.data_dir}: ' + (
+                'is a file, not a folder' if os.path.exists(args.data_dir) else 'no such folder'))
+        if args.bn_batches > 0:
+            check_split(args.data_dir, args.train_split, '--train-split')
+    check_out(args.out)
+    if args.push_to_hub:
+        from .preflight import check_hub  # the token and repo id, before anything is computed or written
+        check_hub(args.push_to_hub, '--push-to-hub', offline=False)
+    return depths
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog='stim-export',
+    parser = OneLineParser(
+        prog='stim-export', prefix='',
         description='Export a sub-network of a trained stim model as a plain, shallower timm model.')
     parser.add_argument('checkpoint', help='train_stim.py output folder, .pth(.tar) or .safetensors')
     parser.add_argument('--depths', required=True, help='blocks kept per stage, e.g. 3,3,4,3')
     parser.add_argument('--out', required=True, help='output folder (model.safetensors + config.json)')
     parser.add_argument('--model', default=None, help='model name, for a bare weights file')
-    parser.add_argument('--num-classes', type=int, default=None, help='class count, for a bare weights file')
+    parser.add_argument('--num-classes', type=cli_int, default=None, help='class count, for a bare weights file')
     parser.add_argument('--push-to-hub', default=None, metavar='REPO_ID', help='also upload the folder')
     parser.add_argument('--hub-private', action='store_true')
     parser.add_argument('--hub-revision', default=None)
@@ -49,12 +77,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="re-estimate the sub-network's BN statistics on training images of this folder "
                              "(default: keep the full network's)")
     parser.add_argument('--train-split', default='train', help='split used with --data-dir')
-    parser.add_argument('--bn-batches', type=int, default=2, metavar='B',
+    parser.add_argument('--bn-batches', type=cli_int, default=2, metavar='B',
                         help='training batches for the BN re-estimation with --data-dir (default 2; 0: off)')
-    parser.add_argument('-b', '--batch-size', type=int, default=128, help='batch size of the BN re-estimation')
+    parser.add_argument('-b', '--batch-size', type=cli_int, default=128, help='batch size of the BN re-estimation')
     args = parser.parse_args(argv)
     try:
-        depths = parse_depths(args.depths)
+        depths = _check_args(args, parser)
         model, weights = load_trained_model(args.checkpoint, args.model, args.num_classes)
         model.eval()
         if args.data_dir and args.bn_batches > 0:
@@ -72,8 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             url = upload_folder(args.out, args.push_to_hub, private=args.hub_private, revision=args.hub_revision,
                                 commit_message=f'Add {arch} sub-network {format_depths(depths)}')
             print(f'pushed to {url}')
-    except (CheckpointError, HubError, ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (CheckpointError, HubError, ValueError, OSError, yaml.YAMLError) as e:  # ValueError: UnicodeDecodeError too
+        print(f'error: {one_line(e)}', file=sys.stderr)
         return 2
     return 0
 

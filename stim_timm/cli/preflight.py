@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn as nn
 from huggingface_hub import constants, get_token
 from timm.data import dataset_factory
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.layers import convert_splitbn_model
 from timm.models import clean_state_dict, load_state_dict
@@ -30,12 +30,12 @@ from ..models import check_model_name, is_stim_model, make_stimulative
 from ..publish.hub import HubError, validate_hub_repo_id
 from ..run.checkpoint import CheckpointError, read_torch_checkpoint
 from ..run.folder import RunFolder
-from ..run.io import one_line
+from ..run.io import file_error, one_line, writable_error
 from ..method import presets
 from .train_args import stim_enabled, stim_options
 
 __all__ = ['BadInput', 'Preflight', 'preflight', 'one_line', 'check_values', 'check_model', 'check_data',
-           'check_checkpoints', 'check_output', 'check_services']
+           'check_checkpoints', 'check_output', 'check_services', 'check_hub']
 
 
 class BadInput(ValueError):
@@ -84,7 +84,25 @@ INTS_AT_LEAST = dict(epochs=1, batch_size=1, validation_batch_size=1, workers=0,
                      stim_eval_subnets=0, stim_start_epoch=0, stim_ramp_epochs=0, warmup_epochs=0, cooldown_epochs=0,
                      train_batches_per_epoch=1, img_size=1, num_classes=1, in_chans=1, input_size=1,
                      train_img_sizes=1, train_batch_sizes=1, train_num_samples=1, val_num_samples=1,
-                     mixup_off_epoch=0, start_epoch=0, kd_student_feature_dim=1, kd_teacher_feature_dim=1)
+                     mixup_off_epoch=0, start_epoch=0, kd_student_feature_dim=1, kd_teacher_feature_dim=1,
+                     lr_base_size=1, lr_cycle_limit=1, recount=1, patience_epochs=0, decay_milestones=0, seed=0,
+                     local_rank=0, stim_bn_images=0, stim_eval_every=0, train_crop_size=1)
+# number flags -> (low, high, low open, high open); None: unbounded. timm would run on with the others
+# silently changed (--lr 0: the batch-size rule's value, --crop-pct 0: 1.0) or fail after an epoch (--std 0).
+RANGES = dict(
+    lr=(0, None, True, False), lr_base=(0, None, True, False), warmup_lr=(0, None, False, False),
+    min_lr=(0, None, False, False), weight_decay=(0, None, False, False), momentum=(0, None, False, False),
+    epoch_repeats=(0, None, False, False), aug_repeats=(0, None, False, False), crop_pct=(0, None, True, False),
+    std=(0, None, True, False), clip_grad=(0, None, True, False), opt_eps=(0, None, True, False),
+    lr_cycle_mul=(0, None, True, False), lr_cycle_decay=(0, None, True, False), decay_epochs=(0, None, True, False),
+    decay_rate=(0, None, True, False), color_jitter=(0, None, False, False), lighting=(0, None, False, False),
+    mixup=(0, None, False, False), cutmix=(0, None, False, False), bn_eps=(0, None, True, False),
+    bn_momentum=(0, 1, False, False), model_ema_decay=(0, 1, True, False), kd_temperature=(0, None, True, False),
+    smoothing=(0, 1, False, True), stim_temp=(0, None, True, False), stim_amplitude=(0, None, True, False),
+    stim_weight=(0, None, False, False), stim_small_input=(0, 1, True, False), stim_subnets=(0, None, False, False),
+    train_size_probs=(0, None, False, False))
+# timm's dataset prefixes (timm.data.create_dataset); any other --dataset would silently be an image folder
+DATASET_PREFIXES = ('torch', 'hfds', 'hfids', 'tfds', 'wds')
 PROBABILITIES = ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'color_jitter_prob',
                  'grayscale_prob', 'gaussian_blur_prob', 'train_size_random_mix', 'drop', 'drop_path',
                  'drop_connect', 'drop_block')
@@ -109,18 +127,14 @@ def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
         _range(args, dest, lo)
     for dest in PROBABILITIES:
         _range(args, dest, 0, 1)
-    _range(args, 'smoothing', 0, 1, hi_open=True)
-    _range(args, 'lr', 0)
-    _range(args, 'weight_decay', 0)
-    _range(args, 'epoch_repeats', 0)
-    _range(args, 'model_ema_decay', 0, 1, lo_open=True)
-    _range(args, 'kd_temperature', 0, lo_open=True)
-    _range(args, 'stim_temp', 0, lo_open=True)
-    _range(args, 'stim_amplitude', 0, lo_open=True)
-    _range(args, 'stim_weight', 0)
-    _range(args, 'stim_small_input', 0, 1, lo_open=True)
-    _range(args, 'stim_subnets', 0)
-    _range(args, 'train_size_probs', 0)
+    for dest, (lo, hi, lo_open, hi_open) in RANGES.items():
+        _range(args, dest, lo, hi, lo_open, hi_open)
+    prefix, sep, rest = args.dataset.partition('/')
+    _need(args.dataset in ('', 'folder') or (sep and prefix.lower() in DATASET_PREFIXES and rest),
+          f"--dataset {args.dataset!r}: give '' (an image folder) or <{'|'.join(DATASET_PREFIXES)}>/<name>")
+    _check_device(args.device)
+    if args.aa:
+        _check_auto_augment(args.aa)
     for dest in ('scale', 'ratio'):
         v = getattr(args, dest)
         _need(len(v) == 2 and 0 < v[0] <= v[1] and all(map(math.isfinite, v)),
@@ -174,6 +188,34 @@ def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
               f'{args.epochs}: give more epochs, a lower --stim-start-epoch or --warmup-epochs')
 
 
+def _check_device(device: Optional[str]) -> None:
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise BadInput(f'--device {device!r}: not a torch device ({one_line(e)})') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise BadInput(f'--device {device}: no CUDA device is available here')
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BadInput(f'--device {device}: there are {torch.cuda.device_count()} CUDA devices')
+
+
+def _check_auto_augment(aa: str) -> None:
+    """The policy string parses as timm's transforms will parse it (built once, on no image)."""
+    hparams = dict(translate_const=100, img_mean=(124, 116, 104))
+    try:
+        if aa.startswith('rand'):
+            rand_augment_transform(aa, hparams)
+        elif aa.startswith('augmix'):
+            augment_and_mix_transform(aa, dict(hparams, translate_pct=0.3))
+        else:
+            auto_augment_transform(aa, hparams)
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise BadInput(f"--aa {aa!r}: not a timm augmentation policy such as 'rand-m9-mstd0.5', 'augmix-m5' or "
+                       f"'original' ({one_line(e) if str(e) else type(e).__name__})") from None
+
+
 # ---- the model, on the meta device ---------------------------------------------------------------
 def _meta_model(args, name: str) -> nn.Module:
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
@@ -217,6 +259,12 @@ def check_model(args) -> Tuple[str, bool, nn.Module, Tuple[int, ...]]:
     except ValueError as e:
         raise BadInput(one_line(e)) from None
     model = _meta_model(args, name)
+    chans = args.in_chans or (args.input_size[0] if args.input_size else
+                              getattr(model, 'pretrained_cfg', {}).get('input_size', (3,))[0])
+    for dest in ('mean', 'std'):
+        v = getattr(args, dest)
+        _need(v is None or len(v) in (1, chans),
+              f'{_flag(dest)} needs 1 or {chans} values (one per input channel of {name}), got {len(v or [])}')
     depths: Tuple[int, ...] = ()
     try:
         make_stimulative(model)
@@ -265,8 +313,9 @@ def _shape_mismatch(sd: Dict[str, Any], model: nn.Module, skip: Iterable[str] = 
 
 def _read_weights(path: str, flag: str) -> Dict[str, Any]:
     """A weights file as timm's loader reads it (weights_only: a pickle never runs code)."""
-    if not os.path.isfile(path):
-        raise BadInput(f'{flag} {path}: no such file')
+    why = file_error(path)
+    if why:
+        raise BadInput(f'{flag} {path}: {why}')
     try:
         sd = load_state_dict(path, use_ema=True)
     except Exception as e:  # corrupt, truncated, unsafe pickle, foreign format
@@ -297,8 +346,9 @@ def check_checkpoints(args, name: str, model: nn.Module) -> Optional[Dict[str, A
             raise BadInput(f'--pretrained-path {args.pretrained_path}: does not fit {name} ({mismatch})')
     if not args.resume:
         return None
-    if not os.path.isfile(args.resume):
-        raise BadInput(f'--resume {args.resume}: no such file')
+    why = file_error(args.resume)
+    if why:
+        raise BadInput(f'--resume {args.resume}: {why}')
     try:
         ckpt = read_torch_checkpoint(args.resume)
     except CheckpointError as e:
@@ -329,6 +379,8 @@ def check_data(args) -> None:
     """The data folder and its splits, as timm will resolve them (image folders only)."""
     if not args.data_dir and not args.dataset:
         raise BadInput('no data: give the dataset root (positional DIR or --data-dir)')
+    if args.class_map:
+        _check_class_map(args)
     if args.dataset and not args.dataset.startswith('folder'):
         return  # hfds/, tfds/, wds/, torch/: the reader checks its own sources
     root = args.data_dir
@@ -347,21 +399,39 @@ def check_data(args) -> None:
     for split, folder in ((args.train_split, train), (args.val_split, val)):
         if folder is not None and not _has_image(folder):
             raise BadInput(f'{split} split of {root}: no images in {folder}')
+    if args.num_classes is not None and not args.class_map:
+        classes = [e.name for e in os.scandir(train) if e.is_dir()]
+        _need(args.num_classes >= len(classes),
+              f'--num-classes {args.num_classes}: the {args.train_split} split has {len(classes)} class folders '
+              f'(labels up to {len(classes) - 1}); give --num-classes {len(classes)} or more')
+
+
+def _check_class_map(args) -> None:
+    """timm's ``load_class_map``: the path itself, else relative to the data root; .txt or .pkl."""
+    path = args.class_map
+    if not os.path.exists(path) and args.data_dir:
+        path = os.path.join(args.data_dir, path)
+    why = file_error(path)
+    if why:
+        raise BadInput(f'--class-map {args.class_map}: {why}')
+    ext = os.path.splitext(path)[1].lower()
+    _need(ext in ('.txt', '.pkl'), f'--class-map {args.class_map}: timm reads a .txt (one class a line) or a '
+                                   f'.pkl class map, not {ext or "a file without extension"}')
+    if ext == '.txt':
+        try:
+            with open(path, encoding='utf-8') as f:
+                names = [line.strip() for line in f]
+        except UnicodeDecodeError as e:
+            raise BadInput(f'--class-map {args.class_map}: not UTF-8 text (byte {e.start}: {e.reason})') from None
+        _need(any(names), f'--class-map {args.class_map}: names no class')
+        _need(args.num_classes is None or args.num_classes >= len(names),
+              f'--num-classes {args.num_classes}: --class-map {args.class_map} names {len(names)} classes')
 
 
 def _writable(path: str) -> Tuple[bool, str]:
-    """Whether ``path`` (existing or to be created) can be written; the existing ancestor checked."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        return False, f'{probe} is a file, not a folder'
-    try:  # a real probe: os.access says yes to root even on read-only mounts and /proc
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        return False, f'{probe} is not writable ({e.strerror or type(e).__name__})'
-    return True, ''
+    """Whether ``path`` (existing or to be created) can be written (``run.io.writable_error``)."""
+    why = writable_error(path)
+    return why is None, why or ''
 
 
 def check_output(args) -> Optional[str]:
@@ -396,18 +466,25 @@ def check_services(args) -> None:
         raise BadInput("--log-tensorboard needs the tensorboard package: pip install tensorboard "
                        "(or pip install 'stim-timm[tensorboard]')")
     if args.push_to_hub:
-        try:
-            validate_hub_repo_id(args.push_to_hub)
-        except HubError as e:
-            raise BadInput(f'--push-to-hub: {one_line(e)}') from None
-        if constants.HF_HUB_OFFLINE:
-            raise BadInput('--push-to-hub: HF_HUB_OFFLINE is set, the push after training would fail')
-        try:
-            token = get_token()
-        except Exception as e:  # e.g. a failed OIDC token exchange; the message never holds the token
-            raise BadInput(f'--push-to-hub: cannot get a Hugging Face token ({type(e).__name__})') from None
-        if not token:
-            raise BadInput('--push-to-hub: no Hugging Face token found: set HF_TOKEN or run `hf auth login`')
+        check_hub(args.push_to_hub, '--push-to-hub', 'the push after training')
+
+
+def check_hub(repo_id: str, flag: str, what: str = 'the push', offline: bool = True) -> None:
+    """A Hub push can start: the repo id is valid, a token is there and (``offline``) the Hub is not
+    switched off by HF_HUB_OFFLINE; no network call. Every command checks this before it writes or
+    computes anything (the push commands leave HF_HUB_OFFLINE to huggingface_hub, which says so)."""
+    try:
+        validate_hub_repo_id(repo_id)
+    except HubError as e:
+        raise BadInput(f'{flag}: {one_line(e)}') from None
+    if offline and constants.HF_HUB_OFFLINE:
+        raise BadInput(f'{flag}: HF_HUB_OFFLINE is set, {what} would fail')
+    try:
+        token = get_token()
+    except Exception as e:  # e.g. a failed OIDC token exchange; the message never holds the token
+        raise BadInput(f'{flag}: cannot get a Hugging Face token ({type(e).__name__})') from None
+    if not token:
+        raise BadInput(f'{flag}: no Hugging Face token found: set HF_TOKEN or run `hf auth login`')
 
 
 def preflight(args: argparse.Namespace, defaults: Dict[str, Any]) -> Preflight:

@@ -3,43 +3,50 @@
     stim-push push CHECKPOINT REPO_ID [--private] [--revision R] [--commit-message M]
     stim-push build CHECKPOINT OUT_DIR      # the folder push would upload, not uploaded
 """
-import argparse
 import os
 import sys
 from typing import Optional, Sequence
 
+import yaml
+
 from ..publish.hub import HubError, build_hub_folder, push_checkpoint, validate_hub_repo_id
 from ..run.checkpoint import CheckpointError
+from ..run.io import OneLineParser, one_line
+from .analyze import check_out, check_sources
 
 __all__ = ['main']
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='stim-push',
-                                     description='Publish stim-timm checkpoints to the Hugging Face Hub.')
+    parser = OneLineParser(prog='stim-push', prefix='',
+                           description='Publish stim-timm checkpoints to the Hugging Face Hub.')
     sub = parser.add_subparsers(dest='command', required=True)
-    push = sub.add_parser('push', help='upload a checkpoint (token from HF_TOKEN or `hf auth login`)')
+    push = sub.add_parser('push', prefix='', help='upload a checkpoint (token from HF_TOKEN or `hf auth login`)')
     push.add_argument('checkpoint', help='train_stim.py output folder, .pth(.tar) or .safetensors')
     push.add_argument('repo_id', help='ORG/NAME')
     push.add_argument('--private', action='store_true', help='create the repo private')
     push.add_argument('--revision', default=None, help='branch to push to (created if missing)')
     push.add_argument('--commit-message', default=None)
-    build = sub.add_parser('build', help='write the folder that push would upload, without uploading')
+    build = sub.add_parser('build', prefix='', help='write the folder that push would upload, without uploading')
     build.add_argument('checkpoint')
     build.add_argument('out_dir')
     build.add_argument('--repo-id', default=None, help='repo id used in the card usage lines')
     args = parser.parse_args(argv)
-    try:
+    try:  # every value before the checkpoint is read or a file written
+        check_sources([args.checkpoint])
         if args.command == 'push':
+            from .preflight import check_hub
+            check_hub(args.repo_id, 'REPO_ID', offline=False)
             url = push_checkpoint(args.checkpoint, args.repo_id, args.private, args.revision, args.commit_message)
             print(f'pushed {args.checkpoint} to {url}')
         else:
-            if args.repo_id:
+            if args.repo_id is not None:
                 validate_hub_repo_id(args.repo_id)
+            check_out(args.out_dir, 'OUT_DIR')
             out = build_hub_folder(args.checkpoint, args.out_dir, args.repo_id)
             print(f'wrote {", ".join(sorted(os.listdir(out)))} to {out}')
-    except (HubError, CheckpointError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (HubError, CheckpointError, OSError, ValueError, yaml.YAMLError) as e:  # ValueError: UnicodeDecodeError too
+        print(f'error: {one_line(e)}', file=sys.stderr)
         return 2
     return 0
 
