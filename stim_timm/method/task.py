@@ -37,7 +37,7 @@ from timm.task import ClassificationTask, TrainingTask
 
 from .inputs import SmallInput
 from .losses import kl, kl_minus, normalize_logits
-from ..models.subnet import keep_bn_stats, get_stim_model
+from ..models.subnet import compile_stimulative, get_stim_model, is_stim_model, keep_bn_stats
 from .sampling import SubnetSampler
 
 __all__ = ['StimTask', 'BackwardFn']
@@ -251,7 +251,26 @@ class StimTask(TrainingTask):
         return self
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs):
-        return self.inner.compile(backend=backend, mode=mode, **compile_kwargs)
+        """Compile the stim model module by module (``compile_stimulative``), in place.
+
+        The one compile path of ``stim-train --torchcompile``, of a ``StimTask`` in timm's own
+        ``train.py`` and of direct calls: every block has its own dynamo cache and shapes are dynamic,
+        so sub-networks, input sizes, train / eval and autocast never reach dynamo's recompile limit.
+        The wrapped task's whole-model compile is not used (it recompiles for every sub-network and
+        falls back to eager after a few); other modules of the wrapped task (e.g. a distillation
+        teacher) stay eager. Returns the trainable module, which is also the eval model.
+        """
+        module = self.get_trainable_module()
+        compile_stimulative(module, backend=backend, mode=mode, **compile_kwargs)
+        return module
+
+    def compile_ema(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs):
+        """Compile the EMA model like ``compile``: module by module when it is stimulative."""
+        ema = self.get_eval_model(ema=True) if self.has_ema() else None
+        if ema is None or not is_stim_model(ema):
+            return self.inner.compile_ema(backend=backend, mode=mode, **compile_kwargs)
+        compile_stimulative(ema, backend=backend, mode=mode, **compile_kwargs)
+        return ema
 
     def setup_ema(self, decay: float = 0.9999, use_warmup: bool = False,
                   device: Optional[torch.device] = None, **kwargs) -> nn.Module:
@@ -260,8 +279,6 @@ class StimTask(TrainingTask):
     def has_ema(self) -> bool:
         return self.inner.has_ema()
 
-    def compile_ema(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs):
-        return self.inner.compile_ema(backend=backend, mode=mode, **compile_kwargs)
 
     def get_clip_parameters(self, exclude_head: bool = False):
         return self.inner.get_clip_parameters(exclude_head=exclude_head)

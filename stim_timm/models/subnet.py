@@ -12,11 +12,24 @@ A sub-network is given as *depths*, the blocks kept per stage: stage ``i`` runs 
 if it keeps the shape of its input (identity shortcut); a stage always keeps its first block and
 every block with a downsample / projection / no skip, which ``stage_min_depths`` records.
 
-For ``torch.compile`` use ``compile_stimulative(model)``: it compiles every block and the other
-modules separately, so switching sub-networks (or input sizes, after one dynamic-shape recompile)
-never recompiles. Compiling the whole model traces the switches into one graph and
-recompiles for every new sub-network.
+Where the selection lives (correct by construction):
+
+* ``model.set_subnet(depths)`` sets the model's *default*, shared by every thread.
+* ``with model.subnet(depths):`` overrides it in the calling thread / asyncio context only (a
+  ``contextvars`` stack); contexts nest, may exit in any order (each removes only its own entry),
+  and never change a forward running in another thread.
+* A block records, on the storage of its input, which selection it ran under. When gradient
+  checkpointing recomputes the block during backward (reentrant or not, after the ``with`` has
+  exited), it replays that selection, and leaves BN running statistics as the first forward left
+  them, so a checkpointed step equals the unchecked one.
+* DataParallel replicas (``torch.nn.parallel.replicate``) get their own switches, bound to the
+  replica's blocks and fixed to the selection active where the replicas were made.
+
+For ``torch.compile`` use ``compile_stimulative(model)`` (``StimTask.compile`` does): it compiles
+every block and the other modules separately, each with a dynamo cache of its own, so switching
+sub-networks never recompiles and input sizes are dynamic from the start.
 """
+import contextvars
 import copy
 import functools
 import re
@@ -110,25 +123,129 @@ def _min_depth(blocks: Sequence[nn.Module]) -> int:
     return keep
 
 
+# -- the selection ---------------------------------------------------------------------------------
+class _Board:
+    """The selection of one stimulative model: a default shared by all threads (``set_subnet``),
+    overridden per thread / asyncio context by open ``subnet()`` contexts (``_ACTIVE``).
+
+    A plain object (no tensors, no contextvars inside), so deepcopy, pickle and ``torch.save``
+    carry it; the model and its blocks share one instance."""
+
+    def __init__(self, stage_depths: Sequence[int], default: Optional[Depths] = None):
+        self.stage_depths = tuple(stage_depths)
+        self.default = default
+
+    def active(self) -> Optional[Depths]:
+        """The calling context's selection: its innermost open ``subnet()`` of this model, else the default."""
+        for board, depths, _ in reversed(_ACTIVE.get()):
+            if board is self:
+                return depths
+        return self.default
+
+    def snapshot(self) -> '_Board':
+        """A board fixed to the selection active here (for DataParallel replicas run in other threads)."""
+        return _Board(self.stage_depths, self.active())
+
+
+# Open subnet() contexts of the current thread / asyncio context: (board, depths, entry token), innermost last.
+_ACTIVE: 'contextvars.ContextVar[tuple]' = contextvars.ContextVar('stim_timm_open_subnets', default=())
+_TAG = '_stim_timm_selection'  # attribute on a block input's storage: (board, depths) the block ran under
+
+
+def _skips(block: nn.Module, depths: Optional[Depths]) -> bool:
+    stage, index = block.stim_position
+    return depths is not None and index >= depths[stage]
+
+
+def _storage(x):
+    """The (PyObject-preserved) storage of a tensor, which checkpointing's saved and detached inputs share."""
+    if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
+        return None
+    try:
+        return x.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses / functional tensors
+        return None
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+@contextmanager
+def _bn_stats_untouched(module: nn.Module) -> Iterator[None]:
+    """Restore the running statistics of ``module``'s training-mode BN layers on exit (exactly)."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.training and m.track_running_stats and m.running_mean is not None]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    try:
+        yield
+    finally:
+        with torch.no_grad():  # through .data: training-mode BN saved these buffers for a backward
+            for m, (mean, var, n) in zip(bns, saved):  # that never reads them; no version bump
+                m.running_mean.data.copy_(mean)
+                m.running_var.data.copy_(var)
+                m.num_batches_tracked.data.copy_(n)
+
+
 # -- the switch ------------------------------------------------------------------------------------
 def _class_forward(module: nn.Module, *args, **kwargs):
     return type(module).forward(module, *args, **kwargs)
 
 
+def _run(module: nn.Module, *args, **kwargs):
+    """The module's class forward, compiled if ``compile_stimulative`` gave it a compiled one."""
+    return (module.__dict__.get('stim_compiled') or _class_forward)(module, *args, **kwargs)
+
+
 def _switched_forward(block: nn.Module, x, *args, **kwargs):
     """A block's forward with the pass-through switch in front of its class's own (or compiled) forward."""
-    if block.stim_skip:
+    board = block.stim_board
+    storage = _storage(x)
+    tag = getattr(storage, _TAG, None) if storage is not None and _in_backward() else None
+    if tag is not None and tag[0] is board:
+        # gradient checkpointing recomputes this block: replay the selection of the first forward,
+        # and leave BN running statistics as that forward left them (no second update)
+        if _skips(block, tag[1]):
+            return x
+        with _bn_stats_untouched(block):
+            out = _run(block, x, *args, **kwargs)
+        out_storage = _storage(out)
+        if out_storage is not None:
+            setattr(out_storage, _TAG, tag)
+        return out
+    depths = board.active()
+    if storage is not None:
+        setattr(storage, _TAG, (board, depths))
+    if _skips(block, depths):
         return x
-    return (block.stim_compiled or _class_forward)(block, x, *args, **kwargs)
+    return _run(block, x, *args, **kwargs)
 
 
-def _install_switch(block: nn.Module) -> None:
+def _replicate_for_data_parallel(module: nn.Module) -> nn.Module:
+    """``torch.nn.parallel.replicate``'s hook: the replica's switches run the replica's own blocks,
+    fixed to the selection active where (and when) the replicas are made."""
+    replica = type(module)._replicate_for_data_parallel(module)
+    for name, value in list(replica.__dict__.items()):
+        if isinstance(value, functools.partial) and value.args and value.args[0] is module:
+            replica.__dict__[name] = functools.partial(value.func, replica, *value.args[1:], **value.keywords)
+    if isinstance(replica.__dict__.get('stim_board'), _Board):
+        replica.__dict__['stim_board'] = module.stim_board.snapshot()
+    return replica
+
+
+def _bind(module: nn.Module, name: str, fn: Callable) -> None:
+    """``module.<name>`` becomes ``fn`` bound to ``module`` (rebound to each DataParallel replica)."""
+    module.__dict__[name] = functools.partial(fn, module)
+    module.__dict__['_replicate_for_data_parallel'] = functools.partial(_replicate_for_data_parallel, module)
+
+
+def _install_switch(block: nn.Module, board: _Board, position: Tuple[int, int]) -> None:
     if 'forward' in block.__dict__:
         raise ValueError(f'{type(block).__name__} already has an instance-level forward; '
                          f'it cannot be made skippable')
-    block.stim_skip = False
-    block.stim_compiled = None
-    block.forward = functools.partial(_switched_forward, block)
+    block.stim_board = board
+    block.stim_position = position
+    _bind(block, 'forward', _switched_forward)
 
 
 def validate_depths(depths: Sequence[int], stage_depths: Sequence[int],
@@ -150,50 +267,65 @@ def _blocks(model: nn.Module) -> List[List[nn.Module]]:
     return [[model.get_submodule(n) for n in stage] for stage in model.stim_stages]
 
 
-def _set_subnet(model: nn.Module, depths: Optional[Sequence[int]]) -> None:
-    """Select a sub-network (blocks kept per stage), or the full network with ``None``."""
+def _checked(model: nn.Module, depths: Optional[Sequence[int]]) -> Optional[Depths]:
     if depths is not None:
         depths = validate_depths(depths, model.stage_depths, model.stage_min_depths)
         if depths == model.stage_depths:
             depths = None
-    for i, stage in enumerate(_blocks(model)):
-        keep = len(stage) if depths is None else depths[i]
-        for j, block in enumerate(stage):
-            block.stim_skip = j >= keep
-    model.current_subnet = depths
+    return depths
+
+
+def _set_subnet(model: nn.Module, depths: Optional[Sequence[int]]) -> None:
+    """Select a sub-network (blocks kept per stage), or the full network with ``None``, as the
+    model's default for every thread; open ``subnet()`` contexts still override it where they are open."""
+    model.stim_board.default = _checked(model, depths)
+    model.current_subnet = model.stim_board.active()
 
 
 @contextmanager
 def _subnet(model: nn.Module, depths: Optional[Sequence[int]]) -> Iterator[nn.Module]:
-    """``with model.subnet((3, 3, 3, 3)): y = model(x)`` — restores the previous selection."""
-    previous = model.current_subnet
-    _set_subnet(model, depths)
+    """``with model.subnet((3, 3, 3, 3)): y = model(x)`` — in this thread / context only; restores the
+    previous selection on exit (contexts may exit in any order: each removes only its own entry)."""
+    board = model.stim_board
+    entry = (board, _checked(model, depths), object())
+    _ACTIVE.set(_ACTIVE.get() + (entry,))
+    model.current_subnet = entry[1]
     try:
         yield model
     finally:
-        _set_subnet(model, previous)
+        open_now = _ACTIVE.get()
+        if not any(e is entry for e in open_now):
+            raise RuntimeError('model.subnet() exited in another thread or context than the one it was entered in')
+        _ACTIVE.set(tuple(e for e in open_now if e is not entry))
+        model.current_subnet = board.active()
 
 
 def _skipped_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Parameters of the blocks the current sub-network does not run."""
+    """Parameters of the blocks the current sub-network (of the calling thread) does not run."""
+    depths = model.stim_board.active()
     for stage in _blocks(model):
         for block in stage:
-            if block.stim_skip:
+            if _skips(block, depths):
                 yield from block.parameters()
+
+
+_INSTANCE_ATTRS = ('forward', 'stim_board', 'stim_position', 'stim_compiled', '_replicate_for_data_parallel')
 
 
 def _prepare_scriptable(model: nn.Module) -> nn.Module:
     """``torch.jit.script`` hook: script a copy of the *selected* network with the switches removed
     (TorchScript compiles class forwards). Skipped blocks are trailing, so they are deleted from
     their stage containers, which then simply hold fewer blocks."""
+    depths = model.stim_board.active()
     clone = copy.deepcopy(model)
     for names, stage in zip(clone.stim_stages, _blocks(clone)):
         for name, block in reversed(list(zip(names, stage))):
-            skip = block.stim_skip
-            del block.forward, block.stim_skip, block.stim_compiled
-            if skip:
+            if _skips(block, depths):
                 parent, _, child = name.rpartition('.')
                 delattr(clone.get_submodule(parent), child)
+    for module in clone.modules():
+        for attr in _INSTANCE_ATTRS:
+            module.__dict__.pop(attr, None)
     for attr in _BOUND:
         clone.__dict__.pop(attr, None)
     return clone
@@ -244,18 +376,20 @@ def make_stimulative(model: nn.Module, stages: Optional[Sequence[Sequence[str]]]
     if all(lo == len(s) for lo, s in zip(min_depths, blocks)):
         raise ValueError(f'{type(model).__name__} has no droppable residual block (each stage keeps only '
                          f'blocks with a downsample, projection or no skip)')
-    for stage in blocks:
-        for block in stage:
-            _install_switch(block)
+    board = _Board(tuple(len(s) for s in blocks))
+    for i, stage in enumerate(blocks):
+        for j, block in enumerate(stage):
+            _install_switch(block, board, (i, j))
     model.stim_stages = tuple(tuple(s) for s in names)
-    model.stage_depths = tuple(len(s) for s in blocks)
+    model.stage_depths = board.stage_depths
     model.stage_min_depths = min_depths
-    model.current_subnet = None
+    model.stim_board = board
+    model.current_subnet = None  # informational: the selection last set or entered (any thread)
     model.stim_input_multiple = _input_multiple(model)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     model.stim_base_arch = base_arch or cfg.get('architecture')
     for attr, fn in _BOUND.items():
-        setattr(model, attr, functools.partial(fn, model))
+        _bind(model, attr, fn)
     return model
 
 
@@ -285,15 +419,24 @@ def get_stim_model(model: nn.Module) -> nn.Module:
     return inner
 
 
+# -- torch.compile -------------------------------------------------------------------------------
 def _own_compiled_forward(name: str, **compile_kwargs) -> Callable:
-    """``torch.compile`` of a module's class forward through a code object of its own.
+    """``torch.compile`` of a module's class forward through a function of its own.
 
-    Dynamo keeps one cache per code object with a limit of 8 entries; blocks of one class share
-    ``forward``'s code, so a ResNet-50's 16 bottlenecks would overflow it and fall back to eager.
-    A renamed copy of the code gives every module its own cache (static, then dynamic shapes).
+    Dynamo keeps its compiled variants per code object, with ``recompile_limit`` (8) of them unless
+    a guard pins one module instance; blocks of one class share ``forward``'s code and are not pinned
+    (nor are modules under ``module.compile()``, which all share ``nn.Module._call_impl``: measured, it
+    falls back to eager after 8 variants across blocks). A copy of the two-line trampoline with its own
+    name (plain ``CodeType.replace``) gives every module its own cache.
     """
-    code = _class_forward.__code__.replace(co_name=f'stim_{name.replace(".", "_")}')
+    code = _class_forward.__code__.replace(co_name=f'stim_{name.replace(".", "_") or "model"}')
     return torch.compile(types.FunctionType(code, _class_forward.__globals__, code.co_name), **compile_kwargs)
+
+
+def compiled_modules(model: nn.Module) -> Dict[str, Callable]:
+    """Name -> compiled function of every module ``compile_stimulative`` compiled (for counters)."""
+    stim = get_stim_model(model)
+    return {n: m.__dict__['stim_compiled'] for n, m in stim.named_modules() if 'stim_compiled' in m.__dict__}
 
 
 def compile_stimulative(model: nn.Module, **compile_kwargs) -> nn.Module:
@@ -301,11 +444,15 @@ def compile_stimulative(model: nn.Module, **compile_kwargs) -> nn.Module:
 
     Every stage block, and every other module with parameters outside the stages (stem, downsample
     layers, head), is compiled on its own; the Python loop over blocks and the pass-through switches
-    stay outside the graphs, so a new sub-network only chooses which compiled blocks run. A new
-    input size recompiles each module once, with dynamic shapes. Returns the model (its class, keys
-    and sub-network API unchanged). ``compile_kwargs`` are ``torch.compile``'s.
+    stay outside the graphs, so a new sub-network only chooses which compiled blocks run. Shapes are
+    dynamic from the first call (``dynamic=True`` unless given), so new input sizes do not recompile.
+    Returns the model (its class, keys and sub-network API unchanged). ``compile_kwargs`` are
+    ``torch.compile``'s. Calling it again leaves an already compiled model as it is.
     """
     stim = get_stim_model(model)
+    if compiled_modules(stim):
+        return model
+    compile_kwargs.setdefault('dynamic', True)
     blocks = {n for stage in stim.stim_stages for n in stage}
     ancestors = {''} | {n[:i] for n in blocks for i, c in enumerate(n) if c == '.'}  # containers of blocks
     for name, module in stim.named_modules():
@@ -313,26 +460,24 @@ def compile_stimulative(model: nn.Module, **compile_kwargs) -> nn.Module:
             module.stim_compiled = _own_compiled_forward(name, **compile_kwargs)
         elif name not in ancestors and name.rpartition('.')[0] in ancestors and \
                 any(True for _ in module.parameters()):
-            module.forward = functools.partial(_own_compiled_forward(name, **compile_kwargs), module)
+            if 'forward' in module.__dict__:
+                continue  # an instance-level forward of someone else's: leave it eager
+            module.stim_compiled = _own_compiled_forward(name, **compile_kwargs)
+            _bind(module, 'forward', _run)
     return model
 
 
 @contextmanager
 def keep_bn_stats(model: nn.Module) -> Iterator[None]:
-    """Normalise with batch statistics but leave BN running statistics untouched.
+    """Normalise with batch statistics but leave BN running statistics as they were.
 
-    Sub-network passes must not drift the full network's running mean/var. With
-    ``track_running_stats`` off, a training-mode BN uses batch stats and writes no buffers.
+    Sub-network passes must not drift the full network's running mean/var. The training-mode BN
+    layers run exactly as in a full pass (the same ops, so compiled graphs and checkpoint recompute
+    see nothing new); their running statistics are restored, bit for bit, on exit. Model-wide: a
+    full pass in another thread during the context would lose its update too.
     """
-    bns = [m for m in model.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training]
-    for m in bns:
-        m.track_running_stats = False
-    try:
+    with _bn_stats_untouched(model):
         yield
-    finally:
-        for m in bns:
-            m.track_running_stats = True
 
 
 # Depth strings live in stim_timm.models.depths (exact syntax, anything else refused); re-exported here.
