@@ -194,7 +194,7 @@ def _check_device(device: Optional[str]) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as e:
-        raise BadInput(f'--device {device!r}: not a torch device ({one_line(e)})') from None
+        raise BadInput(f'--device {device!r}: not a torch device such as cpu, cuda or cuda:1') from None
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise BadInput(f'--device {device}: no CUDA device is available here')
     if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
