@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -317,7 +318,9 @@ def _read_weights(path: str, flag: str) -> Dict[str, Any]:
     if why:
         raise BadInput(f'{flag} {path}: {why}')
     try:
-        sd = load_state_dict(path, use_ema=True)
+        with warnings.catch_warnings():  # the error says what is wrong; a torch warning would be a second line
+            warnings.simplefilter('ignore')
+            sd = load_state_dict(path, use_ema=True)
     except Exception as e:  # corrupt, truncated, unsafe pickle, foreign format
         raise BadInput(f'{flag} {path}: not a readable weights file ({one_line(e)})') from None
     if not isinstance(sd, dict) or not sd or not any(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -350,7 +353,9 @@ def check_checkpoints(args, name: str, model: nn.Module) -> Optional[Dict[str, A
     if why:
         raise BadInput(f'--resume {args.resume}: {why}')
     try:
-        ckpt = read_torch_checkpoint(args.resume)
+        with warnings.catch_warnings():  # torch's pickle-protocol warning would be a second line
+            warnings.simplefilter('ignore')
+            ckpt = read_torch_checkpoint(args.resume)
     except CheckpointError as e:
         raise BadInput(f'--resume {one_line(e)}') from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), dict) or 'epoch' not in ckpt:
