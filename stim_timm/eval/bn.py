@@ -61,7 +61,9 @@ def reestimate_bn(model: nn.Module, batches: Iterable[torch.Tensor], depths: Opt
         model.eval()
         for m in bns:
             m.train()  # normalise by batch statistics, as in training
-        with get_stim_model(model).subnet(depths):
+        # eagerly: a few batches, and a compiled model (compile_stimulative) keeps its caches for the
+        # train and eval variants instead of adding one for this mode (eval blocks, training BN, hooks)
+        with get_stim_model(model).subnet(depths), torch.compiler.set_stance('force_eager'):
             for x in batches:
                 model(x)
                 seen += x.shape[0]
