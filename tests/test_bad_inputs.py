@@ -206,11 +206,11 @@ EXPECTED = {
     'train: --stim-rule ""':
         'train_stim.py: error: argument --stim-rule: expected a value, got an empty string',
     'train: --stim-rule "0, 1,0"':
-        "train_stim.py: error: --stim-rule for stim_resnet20_cifar (3, 3, 3): sampling rule '0, 1,0': not 'uniform', 'stpp' or max drops per stage such as 0,1,3,0",
+        "train_stim.py: error: --stim-rule for stim_resnet20_cifar (3, 3, 3): sampling rule '0, 1,0' is not 'uniform', 'stpp' or max drops per stage such as 0,1,3,0",
     'train: --stim-rule 0,,1':
-        "train_stim.py: error: --stim-rule for stim_resnet20_cifar (3, 3, 3): sampling rule '0,,1': not 'uniform', 'stpp' or max drops per stage such as 0,1,3,0",
+        "train_stim.py: error: --stim-rule for stim_resnet20_cifar (3, 3, 3): sampling rule '0,,1' is not 'uniform', 'stpp' or max drops per stage such as 0,1,3,0",
     'train: --stim-rule Uniform':
-        "train_stim.py: error: --stim-rule for stim_resnet20_cifar (3, 3, 3): sampling rule 'Uniform': not 'uniform', 'stpp' or max drops per stage such as 0,1,3,0",
+        "train_stim.py: error: --stim-rule for stim_resnet20_cifar (3, 3, 3): sampling rule 'Uniform' is not 'uniform', 'stpp' or max drops per stage such as 0,1,3,0",
     'train: --wandb-tags a ""':
         'train_stim.py: error: argument --wandb-tags: expected a value, got an empty string',
     'train: --initial-checkpoint FOLDER':
@@ -226,9 +226,9 @@ EXPECTED = {
     'train: YAML empty string':
         'train_stim.py: error: argument --opt: expected a value, got an empty string',
     'analyze: --depths-list "3,3,3; 1,1,1"':
-        "error: depths ' 1,1,1': not block counts per stage such as 3,4,6,3 or 3-4-6-3",
+        "error: depths ' 1,1,1' is not block counts per stage such as 3,4,6,3 or 3-4-6-3",
     'analyze: --depths-list "3,3,3;"':
-        "error: depths '': not block counts per stage such as 3,4,6,3 or 3-4-6-3",
+        "error: depths '' is not block counts per stage such as 3,4,6,3 or 3-4-6-3",
     'analyze: --depths-list ""':
         'error: argument --depths-list: expected a value, got an empty string',
     'analyze: --subnets -1':
@@ -250,9 +250,9 @@ EXPECTED = {
     'analyze: abbreviated --sub':
         'error: unrecognized arguments: --sub 3',
     'export: --depths "3,,3"':
-        "error: depths '3,,3': not block counts per stage such as 3,4,6,3 or 3-4-6-3",
+        "error: depths '3,,3' is not block counts per stage such as 3,4,6,3 or 3-4-6-3",
     'export: --depths "3-"':
-        "error: depths '3-': not block counts per stage such as 3,4,6,3 or 3-4-6-3",
+        "error: depths '3-' is not block counts per stage such as 3,4,6,3 or 3-4-6-3",
     'export: --depths 1,0,1':
         "error: depths '1,0,1': every stage keeps at least 1 block, got 0 for stage 1",
     'export: --bn-batches -1':

@@ -43,7 +43,7 @@ def test_counts_accepted_exactly_when_well_formed():
             got = parse_counts(text)
         except ValueError as e:
             got = None
-            assert str(e) == f'depths {text!r}: not block counts per stage such as 3,4,6,3 or 3-4-6-3'
+            assert str(e) == f'depths {text!r} is not block counts per stage such as 3,4,6,3 or 3-4-6-3'
         if got != expected:
             wrong.append((text, got, expected))
     assert not wrong, wrong[:10]

@@ -29,7 +29,7 @@ def format_depths(depths: Sequence[int]) -> str:
 def parse_counts(text: str, what: str = 'depths', syntax: str = DEPTHS_SYNTAX) -> Tuple[int, ...]:
     """``'0,1,3,0'`` / ``'0-1-3-0'`` -> ``(0, 1, 3, 0)``: non-negative counts, exactly that syntax."""
     if not isinstance(text, str) or not _LIST.fullmatch(text):
-        raise ValueError(f"{what} {text!r}: not {syntax}")
+        raise ValueError(f"{what} {text!r} is not {syntax}")
     return tuple(int(v) for v in re.split('[,-]', text))
 
 
