@@ -286,13 +286,18 @@ class RunFolder:
         return records
 
     def hold_records(self, **fields: Any) -> None:
-        """Start this run's records in memory (written at ``keep_records``: a run that saves no
-        checkpoint leaves no run.json); ``fields`` (run_id, classes, ...) replace the stored ones."""
+        """Start this run's records: in memory when the folder has none yet (written at ``keep_records``:
+        a run that saves no checkpoint leaves no run.json), else on disk at once; ``fields`` (run_id,
+        classes, ...) replace the stored ones."""
         records = self.records()
         records.setdefault('files', {})
         records.update(fields)
-        self._held = records
         self._recording = True
+        if os.path.isfile(self.file(RECORDS)):  # a run resumed in place: its records stay current on disk
+            self._held = None
+            self._write_records(records)
+        else:
+            self._held = records
 
     def keep_records(self) -> None:
         """Write the held records to run.json; from now on every change is written at once."""
