@@ -98,7 +98,7 @@ def test_panel_is_the_one_analyze_always_used():
 
 
 def test_parse_panel():
-    assert parse_panel('3,3,3; 1,1,1;2-1-2') == [(3, 3, 3), (1, 1, 1), (2, 1, 2)]
+    assert parse_panel('3,3,3;1,1,1;2-1-2') == [(3, 3, 3), (1, 1, 1), (2, 1, 2)]
     with pytest.raises(ValueError, match='block counts'):
         parse_panel('3,x,3')
 

@@ -63,10 +63,6 @@ CASES: Dict[str, Tuple[Callable[[Path], List[str]], str]] = {
     'negative_weight': (lambda t: ['--stim', '--stim-weight', '-1'], '--stim-weight must be in [0, inf], got -1.0'),
     'zero_subnets': (lambda t: ['--stim-pp', '--stim-subnets', '0'], '--stim-subnets 0 trains no sub-network'),
     'epochs_0': (lambda t: ['--epochs', '0'], '--epochs must be in [1, inf], got 0'),
-    'stim_after_the_lr_warmup_and_last_epoch': (
-        lambda t: ['--stim', '--warmup-epochs', '1'],
-        'the sub-network loss starts at epoch 1 (by default after the LR warm-up, --warmup-epochs 1), after the '
-        'last of --epochs 1: give more epochs, a lower --stim-start-epoch or --warmup-epochs'),
     'stim_start_after_last_epoch': (lambda t: ['--stim-pp', '--stim-start-epoch', '3'],
                                     'the sub-network loss starts at epoch 3 (--stim-start-epoch 3), after the last'),
     'negative_stim_ramp': (lambda t: ['--stim', '--stim-ramp-epochs', '-1'],

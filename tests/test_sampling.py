@@ -61,7 +61,7 @@ def test_uniform_keeps_one_to_all():
 
 
 def test_explicit_spec():
-    sampler = SubnetSampler((3, 4, 6, 3), '0, 2,1,0')
+    sampler = SubnetSampler((3, 4, 6, 3), '0,2,1,0')
     assert sampler.max_drops == (0, 2, 1, 0)
     assert set(sampler.candidates()) == {(3, b, c, 3) for b in (2, 3, 4) for c in (5, 6)}
     assert SubnetSampler((3, 4, 6, 3), [0, 1, 3, 0]).rule == '0,1,3,0'
@@ -70,7 +70,8 @@ def test_explicit_spec():
 @pytest.mark.parametrize('rule,msg', [
     ('0,1,3', r'names 3 stages, the model has 4 \(3, 4, 6, 3\)'),
     ('0,4,3,0', 'stage 1 may drop at most 3 of its 4 blocks, rule asks for 4'),
-    ('0,-1,3,0', 'stage 1 has negative max drops -1'),
+    ('0,-1,3,0', 'not .* such as 0,1,3,0'),
+    ((0, -1, 3, 0), 'stage 1 has negative max drops -1'),
     ('0,0,0,0', 'leaves only the full network'),
     ('fancy', "is not 'uniform', 'stpp' or max drops per stage"),
 ])

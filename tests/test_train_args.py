@@ -163,12 +163,11 @@ def test_stim_ramp_epochs_become_updates_from_the_start_epoch(tmp_path):
     assert run.task.weight_at(2 * updates - 1) == pytest.approx(0.25)
 
 
-def test_stim_start_epoch_defaults_to_the_end_of_the_lr_warmup():
-    """No --stim-start-epoch: the sub-network loss starts when the LR warm-up ends (timm's default 5)."""
+def test_stim_start_epoch_defaults_to_the_papers_0():
+    """No --stim-start-epoch: the sub-network loss from the first epoch, whatever the LR warm-up."""
     from stim_timm.method.presets import start_epoch
-    for flags, first in ((['--stim'], 5), (['--stim', '--warmup-epochs', '2'], 2), (['--stim', '--warmup-epochs', '0'], 0),
-                         (['--stim', '--warmup-epochs', '2', '--stim-start-epoch', '0'], 0),
+    for flags, first in ((['--stim'], 0), (['--stim', '--warmup-epochs', '2'], 0),
                          (['--stim-pp', '--stim-start-epoch', '7'], 7)):
         args, _ = parse_args(['data', *flags])
         assert start_epoch(vars(args)) == first, flags
-    assert start_epoch({}) == 5 and start_epoch({'warmup_epochs': 0}) == 0  # a run whose flags were not saved
+    assert start_epoch({}) == 0 and start_epoch({'warmup_epochs': 3}) == 0  # a run whose flags were not saved

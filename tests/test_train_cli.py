@@ -112,15 +112,16 @@ def test_one_epoch(small_data, tmp_path, flags, kl):
     assert ('state_dict_ema' in ckpt) == ('--model-ema' in flags)
 
 
-def test_base_name_resolves_and_stim_starts_after_the_lr_warmup(small_data, tmp_path):
-    """A plain timm name trains that model made stimulative; before the start epoch (by default the end
-    of the LR warm-up, here --warmup-epochs 1) the loss is plain CE, from it on CE + KL."""
+def test_base_name_resolves_and_stim_starts_at_the_start_epoch(small_data, tmp_path):
+    """A plain timm name trains that model made stimulative; before --stim-start-epoch the loss is plain
+    CE, from it on CE + KL."""
     train([small_data, *FAST, '--model', 'resnet20_cifar', '--epochs', '2', '-b', '16', '--output', tmp_path,
-           '--experiment', 'run', '--stim', '--stim-small-input', '--stim-eval-subnets', '0', '--warmup-epochs', '1'])
+           '--experiment', 'run', '--stim', '--stim-small-input', '--stim-eval-subnets', '0', '--warmup-epochs', '1',
+           '--stim-start-epoch', '1'])
     rows = summary(tmp_path / 'run')
     assert float(rows[0]['train_kl_loss']) == 0.0 and float(rows[1]['train_kl_loss']) > 0.0
     saved = yaml.safe_load((tmp_path / 'run' / 'args.yaml').read_text())
-    assert saved['stim_start_epoch'] == 1 and saved['warmup_epochs'] == 1  # the resolved start is recorded
+    assert saved['stim_start_epoch'] == 1 and saved['warmup_epochs'] == 1  # the start is recorded
     assert not [c for c in rows[0] if c.startswith('subnet_')]
     assert read_torch_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))['arch'] == 'resnet20_cifar'
 

@@ -183,10 +183,8 @@ def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
         raise BadInput(one_line(e)) from None
     if stim_enabled(args):
         first = presets.start_epoch(vars(args))
-        _need(first < args.epochs, f'the sub-network loss starts at epoch {first} (' + (
-            f'--stim-start-epoch {first}' if args.stim_start_epoch is not None else
-            f'by default after the LR warm-up, --warmup-epochs {first}') + f'), after the last of --epochs '
-              f'{args.epochs}: give more epochs, a lower --stim-start-epoch or --warmup-epochs')
+        _need(first < args.epochs, f'the sub-network loss starts at epoch {first} (--stim-start-epoch {first}), '
+              f'after the last of --epochs {args.epochs}: give more epochs or a lower --stim-start-epoch')
 
 
 def _check_device(device: Optional[str]) -> None:

@@ -138,7 +138,7 @@ def setup(args, pre: Preflight, parser=None) -> TrainRun:
     if args.fast_norm:
         set_fast_norm()
     args.model, is_stim = pre.model, pre.is_stim
-    if is_stim:  # resolved (the default follows --warmup-epochs); args.yaml records the number
+    if is_stim:  # args.yaml records the number
         args.stim_start_epoch = presets.start_epoch(vars(args))
     try:
         model = create_stim_model(args, stim_on=is_stim, small_inputs=opts.get('small_input') is not None)

@@ -303,10 +303,9 @@ def _kd_flags(p: argparse.ArgumentParser) -> None:
 def _stim_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         'Stimulative training (no stim flag: plain timm training, the baseline)',
-        'ST/ST++ pays off with training length: on 2,000 CIFAR-10 images (ResNet-20, tuned recipe) ST++ started '
-        'after the LR warm-up (the default) cost 0.6 top-1 at 10 epochs and gained 2.1 to 4.4 from 30 to 120; with '
-        'timm\'s default flags (still under-fitted) it trailed by 0.6 at 10, and from epoch 0 by 1.9 to 2.5 up to 60 '
-        '(benchmarks/results/crossover.md): under-fitted runs can lose.')
+        'Adds a KL loss between the full network and sampled sub-networks (shallower: trailing blocks of each '
+        'stage dropped); the trained model keeps its architecture. What it gains, with its intervals: '
+        'docs/benchmarks.md.')
     _add(g, '--stim', action='store_true', default=False, help='ST: KL between full and sampled sub-networks')
     _add(g, '--stim-kl-minus', action='store_true', default=False, help="the stpp preset's KL- loss (implies --stim)")
     _add(g, '--stim-pp', action='store_true', default=False,
@@ -320,8 +319,8 @@ def _stim_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--stim-temp', type=float, default=1.0, help='KL temperature')
     _add(g, '--stim-amplitude', type=float, default=1.0, help='scale of the normalised logits (KL-)')
     _add(g, '--stim-norm-main', action='store_true', default=False, help='CE on normalised logits too')
-    _add(g, '--stim-start-epoch', type=int, default=None, metavar='E',
-         help='plain CE before epoch E (default: --warmup-epochs, the end of the LR warm-up)')
+    _add(g, '--stim-start-epoch', type=int, default=0, metavar='E',
+         help='plain CE before epoch E (default 0: the sub-network loss from the first epoch, as the papers)')
     _add(g, '--stim-ramp-epochs', type=int, default=0, metavar='E',
          help='ramp the sub-network loss weight linearly from 0 to --stim-weight over E epochs (per update, '
               'from --stim-start-epoch on); 0: full weight from the start')

@@ -28,7 +28,7 @@ STIM_FLAGS: Dict[str, Any] = dict(stim=False, stim_kl_minus=False, stim_pp=False
 # Stim modifiers and their defaults: setting one without enabling ST is an error.
 STIM_MODIFIERS: Dict[str, Any] = dict(
     stim_rule=None, stim_small_input=None, stim_weight=1.0, stim_temp=1.0, stim_amplitude=1.0,
-    stim_norm_main=False, stim_start_epoch=None, stim_ramp_epochs=0)
+    stim_norm_main=False, stim_start_epoch=0, stim_ramp_epochs=0)
 _DEFAULTS: Dict[str, Any] = dict(STIM_FLAGS, **STIM_MODIFIERS, seed=42, warmup_epochs=5)  # timm's defaults
 _TITLES = {'st': 'stimulative training (ST, preset st)', 'stpp': 'ST++ (preset stpp)'}
 
@@ -86,12 +86,10 @@ def resolve_stim(flags: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def start_epoch(flags: Mapping[str, Any]) -> int:
-    """The first epoch with the sub-network loss: ``--stim-start-epoch``, by default the end of the LR
-    warm-up (``--warmup-epochs``). Why: on the CIFAR-10 grid (benchmarks/crossover.py) waiting for the
-    warm-up narrowed ST++'s 10-epoch loss and left 30-120 epochs level or better. A recipe without
-    warm-up (the authors') starts at 0."""
-    f = _flags(flags)
-    return int(f['warmup_epochs'] or 0) if f['stim_start_epoch'] is None else int(f['stim_start_epoch'])
+    """The first epoch with the sub-network loss: ``--stim-start-epoch``, by default 0 (the papers').
+    A start after the LR warm-up was once the default, chosen on test images; it is withdrawn until a
+    pre-registered comparison on a validation split supports it (benchmarks/protocol.md)."""
+    return int(_flags(flags)['stim_start_epoch'] or 0)
 
 
 def describe_stim(flags: Mapping[str, Any]) -> List[Tuple[str, Any]]:
