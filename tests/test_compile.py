@@ -102,3 +102,54 @@ def test_train_stim_torchcompile(tmp_path):
         cwd=repo, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'sub-network 1' in proc.stdout
+
+
+def test_stim_task_compile_cycle_stays_within_half_the_limit():
+    """StimTask.compile (the --torchcompile / timm train.py path): train step, bf16 autocast step, eval,
+    BN re-estimation at 2 sizes; after warm-up new sub-networks compile nothing; no module has more
+    than half of dynamo's recompile_limit in cache entries; the compiled step equals the eager one."""
+    import torch.nn as nn
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from stim_timm import StimTask
+    from stim_timm.eval.bn import reestimate_bn
+    from stim_timm.models.subnet import compiled_modules
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = make_stimulative(timm.create_model('resnet20_cifar', num_classes=4))
+    eager = make_stimulative(timm.create_model('resnet20_cifar', num_classes=4))
+    eager.load_state_dict(model.state_dict())
+    task = StimTask(model, nn.CrossEntropyLoss(), num_subnets=2, seed=0)
+    assert task.compile(backend='eager') is model
+    ref = StimTask(eager, nn.CrossEntropyLoss(), num_subnets=2, seed=0)
+
+    def cycle(step):
+        for side in (20, 28):  # no side equal to a channel count (duck sizing would specialise it)
+            x, y = torch.randn(2, 3, side, side), torch.randint(0, 4, (2,))
+            task.train()
+            for amp in (False, True):
+                task.set_step(step)
+                with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+                    task(x, y)['loss'].backward()
+            task.eval()
+            with torch.inference_mode():
+                model(x)
+            reestimate_bn(model, [x], task.last_subnets[0])
+
+    cycle(0)
+    before = _snapshot()
+    for step in range(1, 4):
+        cycle(step)
+    delta = _delta(before, _snapshot())
+    assert delta.get('frames', {}).get('total', 0) == 0 and delta.get('stats', {}).get('unique_graphs', 0) == 0
+    assert not any('recompile' in k.lower() for k in counters.get('unimplemented', {}))
+    limit = torch._dynamo.config.recompile_limit
+    sizes = {n: len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__))
+             for n, fn in compiled_modules(model).items()}
+    assert len(sizes) >= 11 and max(sizes.values()) <= limit // 2, sizes
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 4, (2,))
+    for t in (task, ref):
+        t.train()
+        t.set_step(7)
+    torch.testing.assert_close(task(x, y)['loss'], ref(x, y)['loss'], rtol=1e-4, atol=1e-5)
