@@ -110,10 +110,11 @@ def test_resume_into_a_folder_holding_another_run_is_refused(data, done2, tmp_pa
 
 def test_resume_of_a_copied_foreign_checkpoint_is_refused_by_run_id(data, done2, tmp_path, capsys):
     """A checkpoint of run A copied into run B's folder is still A's: the run ids differ."""
-    a = copy_run(done2, tmp_path / 'a')
-    train(data, tmp_path, 'a', '--epochs', '2', '--overwrite')  # a new run (new id) in a
-    shutil.copy(done2 / 'checkpoint-0.pth.tar', a / 'foreign.pth.tar')
-    code, err = train(data, tmp_path, 'a', '--epochs', '3', '--resume', a / 'foreign.pth.tar', capsys=capsys)
+    b = copy_run(done2, tmp_path / 'b')
+    records = json.loads((b / 'run.json').read_text())
+    records['run_id'] = 'another-run'  # b's folder holds another run than the one its checkpoint came from
+    (b / 'run.json').write_text(json.dumps(records))
+    code, err = train(data, tmp_path, 'b', '--epochs', '3', '--resume', b / 'last.pth.tar', capsys=capsys)
     assert code == 2 and 'comes from another run (run id' in one_error(err)
 
 
