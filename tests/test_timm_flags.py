@@ -14,7 +14,7 @@ OWN_DEFAULTS = {'--device': None}  # timm: 'cuda'; here cuda when available, els
 # Flags of train_stim.py that timm's train.py does not have.
 # (--local-rank: the spelling newer torch.distributed.run passes, beside timm's --local_rank)
 OWN_FLAGS = {'--log-tensorboard', '--overwrite', '--push-to-hub', '--hub-private', '--hub-revision', '--local-rank',
-             '--kd-pretrained-path', '--train-crop-size', '--lighting'}
+             '--kd-pretrained-path', '--train-crop-size', '--lighting', '--max-bad-images'}
 
 
 def snapshot() -> List[Tuple[List[str], Dict[str, Any]]]:
