@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 
-from stim_timm import StimTask, keep_bn_stats, make_stimulative
+from stim_timm import StimTask, SubnetSampler, keep_bn_stats, make_stimulative
 
 # family -> (timm name, tiny kwargs, input side, small_input); every family has set_grad_checkpointing
 FAMILIES = {
@@ -58,14 +58,14 @@ def bn_buffers(model):
     return {n: b.clone() for n, b in model.named_buffers()}
 
 
-def stim_step(model, ckpt, mode, rule, small, x, y):
+def stim_step(model, ckpt, mode, rule, small, x, y, step):
     """One ST (uniform, KL) or ST++ (stpp, KL-, small inputs) step; grads, loss and buffers after it."""
     model = copy.deepcopy(model)
     model.set_grad_checkpointing(ckpt)
     model.train()
     task = StimTask(model, nn.CrossEntropyLoss(), num_subnets=2, rule=rule, kl_minus=rule == 'stpp',
                     small_input=small if rule == 'stpp' else None, seed=3)
-    task.set_step(1)
+    task.set_step(step)
     torch.manual_seed(1)
     if mode == 'summed':
         out = task(x, y)
@@ -91,9 +91,11 @@ def compare(family, use_reentrant, mode, rule):
     model, side, small = make(family)
     torch.manual_seed(2)
     x, y = torch.randn(4, 3, side, side), torch.randint(0, 5, (4,))
+    sampler = SubnetSampler.for_model(model, rule, seed=3)
+    step = next(s for s in range(50) if all(sampler.sample(s, k) != model.stage_depths for k in range(2)))
     with reentrant(use_reentrant):
-        loss0, g0, b0, subnets0 = stim_step(model, False, mode, rule, small, x, y)
-        loss1, g1, b1, subnets1 = stim_step(model, True, mode, rule, small, x, y)
+        loss0, g0, b0, subnets0 = stim_step(model, False, mode, rule, small, x, y, step)
+        loss1, g1, b1, subnets1 = stim_step(model, True, mode, rule, small, x, y, step)
     assert subnets0 == subnets1 and any(s != model.stage_depths for s in subnets0)
     assert torch.equal(loss0, loss1)
     for n, b in b0.items():
@@ -104,6 +106,8 @@ def compare(family, use_reentrant, mode, rule):
 @pytest.mark.parametrize('use_reentrant', [False, True], ids=['nonreentrant', 'reentrant'])
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_checkpointed_stim_step_equals_unchecked(family, use_reentrant):
+    if family == 'eva' and use_reentrant:
+        pytest.skip("timm's EVA passes keyword arguments to checkpoint(), which reentrant checkpointing refuses")
     for mode, rule in (('summed', 'uniform'), ('backward_fn', 'stpp')):
         assert compare(family, use_reentrant, mode, rule) <= 1e-5, (family, mode)
 
