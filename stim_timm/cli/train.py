@@ -53,7 +53,7 @@ from .train_args import PROG, args_to_yaml, builtin_defaults, parse_args, stim_o
 
 _logger = logging.getLogger('train')
 # The files of a run that are not the partial saves of a kill.
-RunFolder_RUN_ONLY = tuple(p for p in RUN_FILES if p not in TEMP_FILES)
+_RUN_ONLY = tuple(p for p in RUN_FILES if p not in TEMP_FILES)
 # Bad input found while building (a TypeError is never bad input: it is a bug and keeps its traceback).
 SETUP_ERRORS = (ValueError, OSError, CheckpointError)
 
@@ -281,10 +281,10 @@ def prepare(run: TrainRun) -> None:
     in_place = bool(args.resume) and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), run.output_dir)
     # --overwrite, or a folder whose run saved no checkpoint: the earlier files go (never mixed with this
     # run's); always: partial saves of a kill
-    leftovers = not in_place and not run.folder.checkpoints() and bool(run.folder.files(RunFolder_RUN_ONLY))
+    leftovers = not in_place and not run.folder.checkpoints() and bool(run.folder.files(_RUN_ONLY))
     if leftovers:
         _logger.info(f'{run.output_dir}: removing the files of a run that saved no checkpoint '
-                     f'({", ".join(run.folder.files(RunFolder_RUN_ONLY))})')
+                     f'({", ".join(run.folder.files(_RUN_ONLY))})')
     run.folder.clean(everything=args.overwrite or leftovers)
     run_id = (run.folder.records().get('run_id') or (run.ckpt or {}).get('run_id')) if in_place else None
     run_id = run_id or uuid.uuid4().hex
