@@ -17,8 +17,8 @@ augmentation and seeds; only the stim flags differ. Runs go two at a time with o
 
 Runs go seed by seed (baseline, ST, ST++; the ``stpp_norm_main`` variant after all seeds of the
 others), and each run is scored as soon as it finishes: the same sub-network panels on its last
-checkpoint (``stim_timm.cli.analyze``), with BN re-estimated per sub-network and with the full
-network's. Its scores go into ``benchmarks/results/cifar10_runs.json``, which is committed: a later
+checkpoint (``stim_timm.run.analysis``, as ``stim-analyze`` scores), with BN re-estimated per
+sub-network and with the full network's. Its scores go into ``benchmarks/results/cifar10_runs.json``, which is committed: a later
 session on a fresh machine (no run folders) skips every stored run, and an interrupted run resumes
 from its ``last.pth.tar`` where the folder still exists. The report (``benchmarks/results/cifar10.md``
 and the loafing plot of the first seed) is written from the store, also when runs are still missing
@@ -341,7 +341,7 @@ def score_run(method: str, seed: int, run_dir: str, data: str, eval_split: str, 
     the keys of ``sets``) and with the full network's BN statistics (``full``, keys ``<set>_fullbn``).
     ``rows`` (for the plot) are the ``own`` ones.
     """
-    from stim_timm.cli.analyze import analyze_checkpoints
+    from stim_timm.run.analysis import analyze_checkpoints
     panel = list(dict.fromkeys(d for ds in sets.values() for d in ds))
     train_images = count_images(os.path.join(data, 'train'))
     images = os.path.basename(data).partition('_h')[2] if eval_split == 'holdout' else ''
@@ -425,7 +425,7 @@ def job_order(jobs: Dict[Tuple[str, int], tuple]) -> List[Tuple[str, int]]:
     return sorted(jobs, key=lambda j: (j[0] == 'stpp_norm_main', j[1], -jobs[j][2] * (2 if jobs[j][1] else 1)))
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--data-dir', required=True)
     p.add_argument('--work-dir', default=os.path.join(REPO, 'output', 'bench_cifar10'))
@@ -450,7 +450,7 @@ def main() -> None:
     p.add_argument('--timing-file', default=None, help='the --timing pass\'s seconds per epoch (default '
                    'benchmarks/results/cifar10_timing.json; with --quick, in the work dir)')
     p.add_argument('--rounds', type=int, default=2, help='--timing: interleaved rounds of all methods')
-    args = p.parse_args()
+    args = p.parse_args(argv)
     results_dir = os.path.join(REPO, 'benchmarks', 'results')
     max_images, holdout = None, args.holdout or 100
     protocol = list(METHODS)

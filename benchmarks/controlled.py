@@ -115,7 +115,7 @@ def score_test(run_dir: str, data: str, arm: str) -> dict:
         top1 = evaluate(model, loader)[None]['top1']
         return {'test_top1': top1, 'subnets': {arm[len('scratch_'):]: top1}}
     from stim_timm import SubnetSampler
-    from stim_timm.cli.analyze import analyze_checkpoints
+    from stim_timm.run.analysis import analyze_checkpoints
     from stim_timm.models.subnet import format_depths
     full = (3, 3, 3)
     panel = [tuple(int(v) for v in d.split('-')) for d in SCRATCH]

@@ -49,6 +49,9 @@ METHODS: Dict[str, List[str]] = {
 }
 
 LENGTHS = (10, 30, 60, 120)
+# train_stim.py's (timm's) default --warmup-epochs, for a recipe that does not set it
+# (tests/test_bench_crossover.py checks it against the flag's default).
+DEFAULT_WARMUP_EPOCHS = 5
 Cell = Tuple[str, str, int, int]  # recipe, method, epochs, seed
 
 
@@ -90,8 +93,7 @@ def warmup_epochs(recipe: str) -> int:
     flags = RECIPES[recipe]
     if '--warmup-epochs' in flags:
         return int(flags[flags.index('--warmup-epochs') + 1])
-    from stim_timm.cli.train_args import builtin_defaults
-    return int(builtin_defaults()['warmup_epochs'])
+    return DEFAULT_WARMUP_EPOCHS
 
 
 def method_flags(method: str, epochs: int, recipe: str = 'tuned') -> List[str]:
@@ -106,7 +108,7 @@ def score(cell: Cell, run_dir: str, data: str) -> dict:
     if os.path.isfile(cache):
         return json.load(open(cache))
     from stim_timm import SubnetSampler
-    from stim_timm.cli.analyze import analyze_checkpoints
+    from stim_timm.run.analysis import analyze_checkpoints
     ckpt = os.path.join(run_dir, 'last.pth.tar')
     full = (3, 3, 3)
     panel: List[Tuple[int, ...]] = []

@@ -14,7 +14,8 @@ import yaml
 from timm.data import create_transform, resolve_data_config
 from torchvision.datasets import ImageFolder
 
-from stim_timm.cli.analyze import analyze_checkpoints, main
+from stim_timm.cli.analyze import main
+from stim_timm.run.analysis import analyze_checkpoints
 
 from stim_timm.method.sampling import SubnetSampler, parse_panel
 

@@ -131,6 +131,20 @@ def test_no_imports_inside_functions_except_optional_extras():
     assert hidden == [], hidden
 
 
+def test_benchmarks_use_the_library_not_the_commands():
+    """A benchmark imports ``stim_timm`` (the library), never ``stim_timm.cli`` (it may run a command)."""
+    found = []
+    folder = os.path.join(REPO, 'benchmarks')
+    for name in sorted(f for f in os.listdir(folder) if f.endswith('.py')):
+        tree = ast.parse(open(os.path.join(folder, name), encoding='utf-8').read())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ''] + [f'{node.module}.{a.name}' for a in node.names]
+                     if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [(name, node.lineno, n) for n in names if n == 'stim_timm.cli' or n.startswith('stim_timm.cli.')]
+    assert found == [], found
+
+
 def main(root: str) -> None:
     graph, inner = import_graph(root)
     edges = sum(len(v) for v in graph.values())
