@@ -257,7 +257,7 @@ def run_model(model_name: str, size: int, batch: int, steps: int, warmup: int, a
     return results, rates, memory
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description='Cost of a stimulative training step (CPU).')
     p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS),
@@ -278,7 +278,7 @@ def main() -> None:
     p.add_argument('--model', help=argparse.SUPPRESS)
     p.add_argument('--size', type=int, help=argparse.SUPPRESS)
     p.add_argument('--batch', type=int, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         return child_main(args)
     rows = ['plain CE'] + [r for r in args.rows if r != 'plain CE']
@@ -292,7 +292,7 @@ def main() -> None:
         raw[name] = dict(rows=results, gflops_by_side=rates)
         blocks.append(table_md(name, size, batch, steps, results, rates, memory))
     text = '\n\n'.join(blocks)
-    cmd = 'python benchmarks/step_cost.py ' + ' '.join(sys.argv[1:])
+    cmd = 'python benchmarks/step_cost.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
     header = (f'Measured with `{cmd.strip()}` (torch {torch.__version__}, CPU, {args.threads} thread(s) per '
               'child process, random data; time: all rows in one process, interleaved step by step).')
     print(header + '\n\n' + text)
