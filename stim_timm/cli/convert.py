@@ -14,6 +14,7 @@ from ..publish.hub import HubError
 from ..run.checkpoint import CheckpointError
 from ..run.io import OneLineParser, file_error, one_line
 from .analyze import check_out
+from .preflight import check_hub
 
 __all__ = ['main']
 
@@ -34,7 +35,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f'{args.src}: {why}')
         check_out(args.out_dir, 'OUT_DIR')
         if args.push_to_hub:
-            from .preflight import check_hub
             check_hub(args.push_to_hub, '--push-to-hub', offline=False)
         c = convert(args.src, args.out_dir, args.model, args.push_to_hub)
     except (ConvertError, OfficialCheckpointError, CheckpointError, HubError, OSError, ValueError,

@@ -18,6 +18,7 @@ from ..publish.hub import HubError, upload_folder
 from ..run.checkpoint import CheckpointError, load_trained_model, run_data_config, run_train_transform
 from ..run.io import OneLineParser, cli_int, one_line
 from .analyze import check_out, check_sources, check_split
+from .preflight import check_hub
 
 __all__ = ['main']
 
@@ -56,7 +57,6 @@ def _check_args(args, parser) -> Tuple[int, ...]:
             check_split(args.data_dir, args.train_split, '--train-split')
     check_out(args.out)
     if args.push_to_hub:
-        from .preflight import check_hub  # the token and repo id, before anything is computed or written
         check_hub(args.push_to_hub, '--push-to-hub', offline=False)
     return depths
 

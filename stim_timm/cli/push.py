@@ -13,6 +13,7 @@ from ..publish.hub import HubError, build_hub_folder, push_checkpoint, validate_
 from ..run.checkpoint import CheckpointError
 from ..run.io import OneLineParser, one_line
 from .analyze import check_out, check_sources
+from .preflight import check_hub
 
 __all__ = ['main']
 
@@ -35,7 +36,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:  # every value before the checkpoint is read or a file written
         check_sources([args.checkpoint])
         if args.command == 'push':
-            from .preflight import check_hub
             check_hub(args.repo_id, 'REPO_ID', offline=False)
             url = push_checkpoint(args.checkpoint, args.repo_id, args.private, args.revision, args.commit_message)
             print(f'pushed {args.checkpoint} to {url}')
