@@ -324,6 +324,10 @@ def _stim_flags(p: argparse.ArgumentParser) -> None:
     _add(g, '--stim-ramp-epochs', type=int, default=0, metavar='E',
          help='ramp the sub-network loss weight linearly from 0 to --stim-weight over E epochs (per update, '
               'from --stim-start-epoch on); 0: full weight from the start')
+    _add(g, '--stim-no-share-prefix', action='store_true', default=False,
+         help='recompute every sub-network from the input (default: full-size sub-networks reuse the full '
+              "pass up to their first dropped block; same gradients, fewer FLOPs, the full pass's graph "
+              'kept until the last sub-network)')
     _add(g, '--stim-eval-subnets', type=int, default=5, metavar='N',
          help='sub-networks validated each epoch, a fixed panel spanning the cost range (the smallest, '
               'a largest, one per depth level, then random); 0: none')

@@ -28,7 +28,7 @@ STIM_FLAGS: Dict[str, Any] = dict(stim=False, stim_kl_minus=False, stim_pp=False
 # Stim modifiers and their defaults: setting one without enabling ST is an error.
 STIM_MODIFIERS: Dict[str, Any] = dict(
     stim_rule=None, stim_small_input=None, stim_weight=1.0, stim_temp=1.0, stim_amplitude=1.0,
-    stim_norm_main=False, stim_start_epoch=0, stim_ramp_epochs=0)
+    stim_norm_main=False, stim_start_epoch=0, stim_ramp_epochs=0, stim_no_share_prefix=False)
 _DEFAULTS: Dict[str, Any] = dict(STIM_FLAGS, **STIM_MODIFIERS, seed=42, warmup_epochs=5)  # timm's defaults
 _TITLES = {'st': 'stimulative training (ST, preset st)', 'stpp': 'ST++ (preset stpp)'}
 
@@ -82,6 +82,7 @@ def resolve_stim(flags: Mapping[str, Any]) -> Dict[str, Any]:
         small_input=None if small is None else check_min_scale(small),
         norm_main=f['stim_norm_main'],
         seed=f['seed'],
+        share_prefix=not f['stim_no_share_prefix'],
     )
 
 

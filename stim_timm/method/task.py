@@ -37,7 +37,8 @@ from timm.task import ClassificationTask, TrainingTask
 
 from .inputs import SmallInput
 from .losses import kl, kl_minus, normalize_logits
-from ..models.subnet import compile_stimulative, get_stim_model, is_stim_model, keep_bn_stats
+from ..models.subnet import (compile_stimulative, get_stim_model, is_stim_model, keep_bn_stats, record_prefix,
+                             replay_prefix)
 from .sampling import SubnetSampler
 
 __all__ = ['StimTask', 'BackwardFn']
@@ -58,6 +59,23 @@ class _NormalizedCriterion(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.criterion(normalize_logits(logits, self.amplitude), target)
+
+
+class _CarryGrad(torch.autograd.Function):
+    """A zero-valued scalar whose backward gives ``h`` the gradient ``g * grad_out / factor``: the
+    gradients ``g`` that ``backward_fn`` (with its factor) already gave a detached copy of ``h``, carried
+    into the full graph's backward (which applies the same factor again)."""
+
+    @staticmethod
+    def forward(ctx, h, g, factor):
+        ctx.save_for_backward(g, factor)
+        ctx.h_dtype = h.dtype
+        return torch.zeros((), device=h.device, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g, factor = ctx.saved_tensors
+        return (g * (grad_out.float() / factor)).to(ctx.h_dtype), None, None
 
 
 class StimTask(TrainingTask):
@@ -85,6 +103,11 @@ class StimTask(TrainingTask):
         seed: fixes every sub-network and input size as a function of the step.
         enabled: off, a step is the wrapped task's alone (e.g. before ``--stim-start-epoch``); a
             public attribute the loop may switch between epochs.
+        share_prefix: sub-networks at the full input size reuse the full pass up to their first
+            dropped block (forward and backward) instead of recomputing it; the gradients are the
+            recomputing step's. Applies only without ``small_input``; falls back to recomputing, per
+            step, where the full pass ran in gradient-checkpointed segments (``last_shared`` says
+            which). With ``backward_fn`` it keeps the full pass's graph until the last sub-network.
     """
 
     def __init__(
@@ -103,6 +126,7 @@ class StimTask(TrainingTask):
             norm_main: bool = False,
             seed: int = 0,
             enabled: bool = True,
+            share_prefix: bool = True,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
@@ -143,6 +167,8 @@ class StimTask(TrainingTask):
                             if small_input is not None else None)
         self.norm_main = norm_main
         self.enabled = enabled
+        self.share_prefix = bool(share_prefix)
+        self.last_shared = False  # whether the last training step shared the prefix
         self.step = 0  # optimizer-update index keying the sampler; saved with checkpoints
         self._calls_at_step = 0
         self.last_subnets: List[tuple] = []
@@ -203,9 +229,15 @@ class StimTask(TrainingTask):
         stepwise = backward_fn is not None
         # DDP syncs the backward of the passes whose forward ran outside no_sync(): the one backward
         # of the whole graph by default, the returned last term's with backward_fn.
-        with self.no_sync() if stepwise else nullcontext():
+        record = None
+        with self.no_sync() if stepwise else nullcontext(), \
+                record_prefix(stim) if self.shares_prefix else nullcontext() as record:
             result = self.inner(input, target)
         main, teacher = result['loss'], result['output'].detach()
+        self.last_shared = record is not None and record.valid and bool(record.outputs)
+        if self.last_shared:
+            return self._shared_subnets(input, result, record, backward_fn, model, stim)
+        del record
         total = main
         if stepwise:
             self._call_backward(backward_fn, main)
@@ -236,6 +268,74 @@ class StimTask(TrainingTask):
         extras = {k: v.detach() if torch.is_tensor(v) else v for k, v in result.items()
                   if k not in ('loss', 'output')}
         return {**extras, 'loss': total, 'output': teacher, 'main_loss': main.detach(),
+                'kl_loss': kl_sum / self.num_subnets}
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether sub-networks reuse the full pass's prefix (``share_prefix`` and full-size inputs)."""
+        return self.share_prefix and self.small_input is None
+
+    def _backward_factor(self, backward_fn: BackwardFn, device: torch.device) -> torch.Tensor:
+        """The factor ``backward_fn`` puts on a term's gradients (fp16 loss scale / accumulation steps):
+        the gradient it gives a scalar leaf ``w`` through the term ``w``."""
+        w = torch.ones((), device=device, requires_grad=True)
+        self._call_backward(backward_fn, w * 1.0)
+        if w.grad is None or not bool(torch.isfinite(w.grad)) or float(w.grad) == 0.0:
+            raise RuntimeError(f'backward_fn must backward a fixed non-zero multiple of the term it is given '
+                               f'(a probe term got gradient {w.grad})')
+        return w.grad.detach().float()
+
+    def _shared_subnets(self, input: torch.Tensor, result: Dict[str, torch.Tensor], record,
+                        backward_fn: Optional[BackwardFn], model: nn.Module, stim: nn.Module):
+        """The sub-network terms, each branching off the full pass at its first dropped block.
+
+        Summed mode: the sub-network graphs hang off the full graph; the loop's one backward runs the
+        shared prefix once with the gradients of all losses summed. ``backward_fn`` mode: every
+        sub-network but the last runs from a detached leaf at its branch activation ``h``;
+        ``backward_fn(term)`` gives its suffix gradients and ``c * dterm/dh`` (``c``: ``backward_fn``'s
+        factor, probed once); the returned term is ``main + last term`` (one graph, synced under DDP)
+        plus a zero-valued carrier that feeds those ``dterm/dh`` into the prefix's backward.
+        """
+        stepwise = backward_fn is not None
+        main, teacher = result['loss'], result['output'].detach()
+        kl_sum = torch.zeros((), device=teacher.device)
+        weight = self.weight_at(self.step)
+        self.last_subnets = []
+        live, others, factor = main, torch.zeros((), device=teacher.device), None
+        carried: Dict[int, list] = {}  # id(h) -> [h, sum of leaf gradients at h]
+        for k in range(self.num_subnets):
+            depths = self.sampler.sample(self.step, k)
+            self.last_subnets.append(depths)
+            last = k == self.num_subnets - 1
+            detached = stepwise and not last
+            synced = stepwise and last
+            with stim.subnet(depths), keep_bn_stats(stim), replay_prefix(record, detach=detached) as replay, \
+                    (nullcontext() if synced else self.no_sync()):
+                term = weight * self.subnet_loss(model(input), teacher)
+                kl_sum = kl_sum + term.detach()
+                if synced and self._is_distributed():
+                    term = term + sum(p.sum() for p in stim.skipped_parameters()) * 0.0
+            if not detached:
+                live = live + term
+            else:
+                if factor is None:
+                    factor = self._backward_factor(backward_fn, teacher.device)
+                self._call_backward(backward_fn, term)
+                others = others + term.detach()
+                for h, leaf in replay.leaves:
+                    if leaf.grad is not None:
+                        entry = carried.setdefault(id(h), [h, None])
+                        g = leaf.grad.float()
+                        entry[1] = g if entry[1] is None else entry[1] + g
+                replay.leaves.clear()
+            del term
+        record.clear()
+        for h, g in carried.values():
+            live = live + _CarryGrad.apply(h, g, factor)
+        carried.clear()
+        extras = {k: v.detach() if torch.is_tensor(v) else v for k, v in result.items()
+                  if k not in ('loss', 'output')}
+        return {**extras, 'loss': live + others, 'output': teacher, 'main_loss': main.detach(),
                 'kl_loss': kl_sum / self.num_subnets}
 
     # -- delegation to the wrapped task ------------------------------------------------------

@@ -42,7 +42,7 @@ import torch.nn as nn
 
 __all__ = [
     'make_stimulative', 'is_stim_model', 'get_stim_model', 'validate_depths', 'keep_bn_stats',
-    'compile_stimulative', 'find_stages', 'SUPPORTED_FAMILIES',
+    'compile_stimulative', 'find_stages', 'SUPPORTED_FAMILIES', 'record_prefix', 'replay_prefix', 'PrefixRecord',
 ]
 
 Depths = Tuple[int, ...]
@@ -214,11 +214,138 @@ def _switched_forward(block: nn.Module, x, *args, **kwargs):
             setattr(out_storage, _TAG, tag)
         return out
     depths = board.active()
+    record = _RECORD.get()
+    if record is not None and record.board is board and not _in_backward():
+        if record.replaying:
+            if depths is not None and block.stim_position < _first_dropped(depths, board.stage_depths):
+                shared = record.replay(block, x)
+                if shared is not None:
+                    return shared  # the full pass's output of this block: the prefix is not recomputed
+            if record.handed_out(x):
+                # the branch activation h belongs to the full pass's graph too: leave the tag its
+                # storage got there (the first dropped block passes it through)
+                return x if _skips(block, depths) else _run(block, x, *args, **kwargs)
+        elif depths is None:
+            if storage is not None:
+                setattr(storage, _TAG, (board, depths))
+            out = _run(block, x, *args, **kwargs)
+            record.keep(block, x, out)
+            return out
     if storage is not None:
         setattr(storage, _TAG, (board, depths))
     if _skips(block, depths):
         return x
     return _run(block, x, *args, **kwargs)
+
+
+# -- sharing the full pass's prefix with sub-networks (record / replay) -------------------------------
+def _first_dropped(depths: Depths, stage_depths: Depths) -> Tuple[int, int]:
+    """Position (stage, index) of the first block, in execution order, that ``depths`` drops."""
+    for stage, (keep, n) in enumerate(zip(depths, stage_depths)):
+        if keep < n:
+            return stage, keep
+    return len(depths), 0
+
+
+def _in_checkpoint() -> bool:
+    """Whether a block runs inside a gradient-checkpointed segment: reentrant checkpointing runs it
+    under no_grad (its output has no graph to branch from), non-reentrant under checkpoint's
+    saved-tensor hooks (its saved tensors are recomputed by replaying the segment)."""
+    if not torch.is_grad_enabled():
+        return True
+    try:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    if not hooks:
+        return False
+    owner = getattr(hooks[0], '__self__', None)
+    return owner is not None and type(owner).__module__ == 'torch.utils.checkpoint'
+
+
+class PrefixRecord:
+    """The block outputs of one full pass of one stimulative model (references, no copies).
+
+    ``record_prefix`` fills it during a full forward; inside ``replay_prefix`` a sub-network's blocks
+    before its first dropped block return these outputs instead of running, so the sub-network's graph
+    branches off the full network's at the output of its last shared block (``h``). ``valid`` is False
+    when a block ran inside a gradient-checkpointed segment (or without grad where the pass had it):
+    such outputs cannot be shared, and ``replay_prefix`` then runs sub-networks in full."""
+
+    def __init__(self, board: _Board):
+        self.board = board
+        self.outputs: Dict[int, Tuple[nn.Module, torch.Size, torch.Tensor]] = {}
+        self.valid = True
+        self.replaying = False
+        self.detach = False
+        self.leaves: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (full pass's h, leaf handed out)
+        self._handed: Dict[int, torch.Tensor] = {}
+
+    def keep(self, block: nn.Module, x, out) -> None:
+        if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor) or _in_checkpoint() \
+                or _in_backward():
+            self.valid = False
+            return
+        self.outputs[id(block)] = (block, x.shape, out)
+
+    def replay(self, block: nn.Module, x) -> Optional[torch.Tensor]:
+        entry = self.outputs.get(id(block)) if self.valid else None
+        if entry is None or entry[0] is not block:
+            return None
+        if not isinstance(x, torch.Tensor) or x.shape != entry[1]:
+            raise RuntimeError(f'prefix sharing: block {block.stim_position} sees input {tuple(getattr(x, "shape", ()))}'
+                               f' in the sub-network pass, {tuple(entry[1])} in the full pass; sharing needs the '
+                               f'same input (share_prefix=False for other inputs)')
+        out = entry[2]
+        if self.detach:
+            leaf = out.detach().requires_grad_(out.requires_grad)
+            self.leaves.append((out, leaf))
+            out = leaf
+        self._handed[id(out)] = out
+        return out
+
+    def handed_out(self, x) -> bool:
+        return isinstance(x, torch.Tensor) and self._handed.get(id(x)) is x
+
+    def clear(self) -> None:
+        self.outputs.clear()
+        self.leaves.clear()
+        self._handed.clear()
+
+
+_RECORD: 'contextvars.ContextVar[Optional[PrefixRecord]]' = contextvars.ContextVar('stim_timm_prefix_record',
+                                                                                   default=None)
+
+
+@contextmanager
+def record_prefix(model: nn.Module) -> Iterator[PrefixRecord]:
+    """Record the block outputs of the full passes of ``model`` run in this context (this thread /
+    asyncio context only; DataParallel replicas record nothing)."""
+    record = PrefixRecord(get_stim_model(model).stim_board)
+    token = _RECORD.set(record)
+    try:
+        yield record
+    finally:
+        _RECORD.reset(token)
+
+
+@contextmanager
+def replay_prefix(record: PrefixRecord, detach: bool = False) -> Iterator[PrefixRecord]:
+    """Sub-network passes in this context reuse ``record``'s outputs up to their first dropped block.
+
+    The input must be the full pass's (same batch, same size); the caller guarantees it (the shapes are
+    checked). ``detach``: hand out a fresh leaf (``h.detach().requires_grad_()``, same storage) instead
+    of ``h``; ``record.leaves`` lists (h, leaf) pairs, so a caller can backward the sub-network alone
+    and carry ``leaf.grad`` into the full graph later."""
+    replaying = PrefixRecord.__new__(PrefixRecord)
+    replaying.__dict__.update(record.__dict__)
+    replaying.replaying, replaying.detach = True, detach
+    replaying.leaves, replaying._handed = [], {}
+    token = _RECORD.set(replaying)
+    try:
+        yield replaying
+    finally:
+        _RECORD.reset(token)
 
 
 def _replicate_for_data_parallel(module: nn.Module) -> nn.Module:
