@@ -5,7 +5,10 @@
     python benchmarks/step_cost.py --write         # also writes benchmarks/results/step_cost.md
 
 Rows: plain CE (``num_subnets=0``); ST (k=1, uniform rule, KL); ST++ (k=1, stpp rule, KL-, small
-inputs with min scale 0.43); ST++ k=6. One step = ``zero_grad`` + ``task.set_step(i)`` + StimTask
+inputs with min scale 0.43); ST++ k=6; and ST at full size with the uniform and the stpp rule (k=1,
+k=6), each sharing the full pass's prefix (``share_prefix=True``, the default) and recomputing it
+(``... recompute``: ``share_prefix=False``). ``--size`` / ``--batch`` override a model's input side and
+batch. One step = ``zero_grad`` + ``task.set_step(i)`` + StimTask
 forward with ``backward_fn`` (as ``train_stim.py``: one graph alive at a time) + backward of the
 returned term + SGD step, on random data, after warm-up steps.
 
@@ -24,6 +27,13 @@ phase of a shared machine hits the rows of a round alike. Each step is compared 
 enumeration), for reference. CPU time per step (``time.process_time``, all threads) is reported too:
 it does not count waiting for a core. The FLOP rate of the plain network at smaller sides is
 measured in the same process (interleaved sides) to show what small inputs do to the rate.
+
+With prefix sharing the ideal changes: a sub-network's blocks before its first dropped block (in
+execution order) are not run again, forward or backward, so the *ideal with sharing* of a step counts
+each sub-network as its FLOPs minus those prefix blocks' FLOPs (for rows that cannot share, small
+inputs or ``share_prefix=False``, it equals the naive ideal). The non-block modules that still run in a
+sharing sub-network pass (stem, stage downsamples inside the prefix: forward only, their outputs unused)
+are not in it. ``efficiency vs sharing ideal`` = ``sum(ideal with sharing) / sum(measured)``.
 
 FLOPs are counted, not modelled: ``stim_timm.eval.flops.FlopTable(model, backward=True)`` traces a
 forward+backward of the model with ``torch.utils.flop_counter.FlopCounterMode`` (batch 1; counts
@@ -55,10 +65,25 @@ from stim_timm.eval.flops import FlopTable
 
 ROWS: Dict[str, dict] = {
     'plain CE': dict(num_subnets=0),
-    'ST k=1': dict(num_subnets=1, rule='uniform'),
+    'ST k=1': dict(num_subnets=1, rule='uniform'),  # shares the prefix (the default at full size)
     'ST++ k=1': dict(num_subnets=1, rule='stpp', kl_minus=True, small_input=0.43),
     'ST++ k=6': dict(num_subnets=6, rule='stpp', kl_minus=True, small_input=0.43),
 }
+# Prefix sharing against recomputing, at full size (issue 26); run with --rows, not by default.
+SHARING_ROWS: Dict[str, dict] = {
+    'ST k=1 recompute': dict(num_subnets=1, rule='uniform', share_prefix=False),
+    'ST stpp k=1': dict(num_subnets=1, rule='stpp'),
+    'ST stpp k=1 recompute': dict(num_subnets=1, rule='stpp', share_prefix=False),
+    'ST stpp k=6': dict(num_subnets=6, rule='stpp'),
+    'ST stpp k=6 recompute': dict(num_subnets=6, rule='stpp', share_prefix=False),
+}
+
+
+def row_opts(row: str) -> dict:
+    """StimTask options of a row (ROWS: the default run; SHARING_ROWS: with --rows)."""
+    return {**ROWS, **SHARING_ROWS}[row]
+
+
 MODELS: Dict[str, Tuple[int, int]] = {'stim_resnet50': (128, 32), 'stim_resnet56_cifar': (32, 128)}
 DEFAULT_STEPS = {'stim_resnet50': 12, 'stim_resnet56_cifar': 30}
 RATE_SIDES = (1.0, 0.75, 0.5)  # fractions of the row size for the FLOP-rate table
@@ -72,7 +97,7 @@ class Row:
         import stim_timm
         torch.manual_seed(seed)
         self.model = timm.create_model(model_name)
-        self.task = stim_timm.StimTask(self.model, nn.CrossEntropyLoss(), seed=seed, verbose=False, **ROWS[row])
+        self.task = stim_timm.StimTask(self.model, nn.CrossEntropyLoss(), seed=seed, verbose=False, **row_opts(row))
         self.task.train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.x = torch.randn(batch, 3, size, size)
@@ -132,7 +157,7 @@ def peak_rss(model_name: str, row: str, size: int, batch: int, steps: int, warmu
 def row_sides(row: str, size: int, model_multiple: int = 1) -> List[int]:
     """Every input side a row's sub-network passes can see (uniform), as SmallInput draws them."""
     from stim_timm import SmallInput
-    opts = ROWS[row]
+    opts = row_opts(row)
     if not opts.get('small_input'):
         return [size]
     return list(SmallInput(opts['small_input'], multiple=model_multiple).sides(size))
@@ -141,7 +166,7 @@ def row_sides(row: str, size: int, model_multiple: int = 1) -> List[int]:
 def expected_ideal(table: FlopTable, row: str, size: int) -> float:
     """Exact expectation over the rule's candidates (uniform) and the input sides (uniform)."""
     from stim_timm import SubnetSampler
-    opts = ROWS[row]
+    opts = row_opts(row)
     k = opts['num_subnets']
     if k == 0:
         return 1.0
@@ -150,6 +175,41 @@ def expected_ideal(table: FlopTable, row: str, size: int) -> float:
     sides = row_sides(row, size, getattr(table.model, 'stim_input_multiple', 1))
     mean_sub = sum(table.flops(c, (3, s, s)) for s in sides for c in cands) / (len(sides) * len(cands))
     return (table.flops(None, (3, size, size)) + k * mean_sub) / table.flops(None, (3, size, size))
+
+
+def shares(row: str) -> bool:
+    """Whether a row's sub-networks share the full pass's prefix (full-size inputs, sharing on)."""
+    opts = row_opts(row)
+    return opts.get('num_subnets', 0) > 0 and not opts.get('small_input') and opts.get('share_prefix', True)
+
+
+def prefix_flops(table: FlopTable, depths: Sequence[int], input_size: Sequence[int]) -> int:
+    """FLOPs of the blocks before the first block ``depths`` drops (execution order): the prefix a
+    sharing sub-network takes from the full pass."""
+    _, per_block = table.table(input_size)
+    total = 0
+    for stage, keep, n in zip(per_block, depths, table.stage_depths):
+        if keep < n:
+            return total + sum(stage[:keep])
+        total += sum(stage)
+    return total
+
+
+def sub_flops(table: FlopTable, row: str, depths: Sequence[int], side: int) -> int:
+    """A sub-network pass's FLOPs in this row: minus the shared prefix where the row shares."""
+    size = (3, side, side)
+    return table.flops(depths, size) - (prefix_flops(table, depths, size) if shares(row) else 0)
+
+
+def expected_shared(table: FlopTable, row: str, size: int) -> float:
+    """``expected_ideal`` with the prefix shared (rows that share; else the naive expectation)."""
+    from stim_timm import SubnetSampler
+    opts = row_opts(row)
+    if not shares(row):
+        return expected_ideal(table, row, size)
+    cands = SubnetSampler(table.stage_depths, opts['rule']).candidates()
+    full = table.flops(None, (3, size, size))
+    return (full + opts['num_subnets'] * sum(sub_flops(table, row, c, size) for c in cands) / len(cands)) / full
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -197,7 +257,9 @@ def analyse(table: FlopTable, rows: Sequence[str], size: int, batch: int, timed:
         measured = [a / b for a, b in zip(t['times'], base['times'])]
         measured_cpu = [a / b for a, b in zip(t['cpu_times'], base['cpu_times'])]
         per_step = [i / m for i, m in zip(ideal, measured)]
-        opts = ROWS[row]
+        ideal_sh = [(full + sum(sub_flops(table, row, d, s) for d, s in draws)) / full for draws in t['draws']]
+        per_step_sh = [i / m for i, m in zip(ideal_sh, measured)]
+        opts = row_opts(row)
         results.append(dict(
             row=row, k=opts['num_subnets'], rule=opts.get('rule', '-') if opts['num_subnets'] else '-',
             kl_minus=bool(opts.get('kl_minus')), small_input=opts.get('small_input'),
@@ -209,6 +271,11 @@ def analyse(table: FlopTable, rows: Sequence[str], size: int, batch: int, timed:
             efficiency=sum(ideal) / sum(measured),
             efficiency_p25_p75=[percentile(per_step, 25), percentile(per_step, 75)],
             efficiency_cpu=sum(ideal) / sum(measured_cpu),
+            shares=shares(row), ideal_shared=sum(ideal_sh) / len(ideal_sh),
+            ideal_shared_expected=expected_shared(table, row, size),
+            efficiency_shared=sum(ideal_sh) / sum(measured),
+            efficiency_shared_p25_p75=[percentile(per_step_sh, 25), percentile(per_step_sh, 75)],
+            ideal_shared_per_step=ideal_sh,
             times=t['times'], cpu_times=t['cpu_times'], draws=t['draws'], ideal_per_step=ideal))
     rates = {}
     for side, times in timed['rate_times'].items():
@@ -220,18 +287,25 @@ def table_md(model_name: str, size: int, batch: int, steps: int, results: List[d
              memory: Dict[str, Dict[str, float]]) -> str:
     lines = [f'**{model_name}** ({size} px, batch {batch}, {steps} interleaved rounds)', '',
              '| row | k | rule | median step (ms) [p25-p75] | ideal ratio, timed steps [min-max] (expected) '
-             '| measured ratio | efficiency [p25-p75 per step] | efficiency, CPU time '
+             '| ideal with sharing (expected) | measured ratio | efficiency [p25-p75 per step] '
+             '| efficiency vs sharing ideal [p25-p75] | efficiency, CPU time '
              '| peak RSS MB, pinned (ratio) | peak RSS MB, glibc default (ratio) |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
     base_mem = memory[results[0]['row']]
     for r in results:
-        rule = r['rule'] + (', KL-, small inputs' if r['kl_minus'] and r['small_input'] else '')
+        rule = r['rule'] + (', KL-, small inputs' if r['kl_minus'] and r['small_input'] else '') + \
+            (', shared prefix' if r.get('shares') else '')
         m = memory[r['row']]
         lines.append(
             f"| {r['row']} | {r['k']} | {rule} | {r['median_ms']:.0f} [{r['step_ms_p25_p75'][0]:.0f}-"
             f"{r['step_ms_p25_p75'][1]:.0f}] | {r['ideal']:.2f} [{r['ideal_min_max'][0]:.2f}-"
-            f"{r['ideal_min_max'][1]:.2f}] ({r['ideal_expected']:.2f}) | {r['measured']:.2f} "
+            f"{r['ideal_min_max'][1]:.2f}] ({r['ideal_expected']:.2f}) "
+            f"| {r.get('ideal_shared', r['ideal']):.2f} ({r.get('ideal_shared_expected', r['ideal_expected']):.2f}) "
+            f"| {r['measured']:.2f} "
             f"| {r['efficiency']:.2f} [{r['efficiency_p25_p75'][0]:.2f}-{r['efficiency_p25_p75'][1]:.2f}] "
+            f"| {r.get('efficiency_shared', r['efficiency']):.2f} "
+            f"[{r.get('efficiency_shared_p25_p75', r['efficiency_p25_p75'])[0]:.2f}-"
+            f"{r.get('efficiency_shared_p25_p75', r['efficiency_p25_p75'])[1]:.2f}] "
             f"| {r['efficiency_cpu']:.2f} | {m['pinned']:.0f} ({m['pinned'] / base_mem['pinned']:.2f}) "
             f"| {m['default']:.0f} ({m['default'] / base_mem['default']:.2f}) |")
     lines += ['', 'Plain network, forward+backward FLOP rate by input side (same process, interleaved): '
@@ -260,7 +334,7 @@ def run_model(model_name: str, size: int, batch: int, steps: int, warmup: int, a
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description='Cost of a stimulative training step (CPU).')
     p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
-    p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS),
+    p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS) + list(SHARING_ROWS),
                    help='rows to run (plain CE, the reference, is always run)')
     p.add_argument('--steps', type=int, default=None,
                    help='interleaved timed rounds (default: %s)' % ', '.join(f'{m} {s}' for m, s in DEFAULT_STEPS.items()))
@@ -276,8 +350,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('--child', choices=('time', 'memory'), help=argparse.SUPPRESS)
     p.add_argument('--pin-mmap', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--model', help=argparse.SUPPRESS)
-    p.add_argument('--size', type=int, help=argparse.SUPPRESS)
-    p.add_argument('--batch', type=int, help=argparse.SUPPRESS)
+    p.add_argument('--size', type=int, default=None, help="input side (default: the model's in MODELS)")
+    p.add_argument('--batch', type=int, default=None, help="batch size (default: the model's in MODELS)")
     args = p.parse_args(argv)
     if args.child:
         return child_main(args)
@@ -285,6 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     blocks, raw = [], {}
     for name in args.models:
         size, batch = MODELS[name]
+        size, batch = args.size or size, args.batch or batch
         steps, warmup = args.steps or DEFAULT_STEPS[name], args.warmup
         if args.quick:
             batch, steps, warmup, args.memory_steps, args.rate_reps = 8, 2, 1, min(args.memory_steps, 1), 1
