@@ -367,13 +367,17 @@ def test_kill_at_any_point_of_a_save_leaves_a_resumable_folder(data, done1, stra
     may evict checkpoint-0): every file left verifies and loads, and resuming from last.pth.tar ends
     with the files and weights of the uninterrupted run."""
     run = copy_run(done1, tmp_path / 'run')
+    locked = []  # a real kill releases the flock with the process; the simulated one skips main()'s cleanup
+    real_lock = RunFolder.lock
+    monkeypatch.setattr(RunFolder, 'lock', lambda self: (locked.append(self), real_lock(self))[1])
     _kill_on_call(monkeypatch, os, call, k)
     try:
         train(data, tmp_path, 'run', *RESUME2, '--resume', run / 'last.pth.tar')
     except Killed:
         pass
     monkeypatch.undo()
-    train_cli_folder_unlock_all()
+    for folder in locked:
+        folder.unlock()
     check_folder(run)
     if read_torch_checkpoint(str(run / 'last.pth.tar'))['epoch'] < 1:
         assert train(data, tmp_path, 'run', *RESUME2, '--resume', run / 'last.pth.tar')[0] == 0
@@ -382,14 +386,6 @@ def test_kill_at_any_point_of_a_save_leaves_a_resumable_folder(data, done1, stra
     last = read_torch_checkpoint(str(run / 'last.pth.tar'))
     assert last['epoch'] == 1 and all(torch.equal(v, straight2['weights'][n]) for n, v in last['state_dict'].items())
     assert [r['epoch'] for r in RunFolder(str(run)).summary()] == ['0', '1']
-
-
-def train_cli_folder_unlock_all() -> None:
-    """A simulated kill skips main()'s cleanup; a real one would release the flock with the process."""
-    import gc
-    for obj in gc.get_objects():
-        if isinstance(obj, RunFolder):
-            obj.unlock()
 
 
 def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(data, done1, tmp_path, monkeypatch, capsys):
