@@ -158,3 +158,21 @@ def test_missing_tracker_package_is_one_line(tmp_path, monkeypatch):
     args, _ = parse_args(BASE + ['--log-wandb', '--output', str(tmp_path)])
     with pytest.raises(BadInput, match=r"--log-wandb needs the wandb package: pip install wandb"):
         preflight(args, builtin_defaults())
+
+
+def test_reentrant_grad_checkpointing_on_eva_is_refused(tmp_path, monkeypatch):
+    """timm's EVA passes keyword arguments to checkpoint(), which reentrant checkpointing refuses: with
+    TIMM_REENTRANT_CKPT set, --grad-checkpointing on EVA fails here; timm's default (non-reentrant) passes."""
+    argv = BASE + ['--model', 'eva02_tiny_patch14_224', '--stim', '--grad-checkpointing', '--output', str(tmp_path)]
+    args, _ = parse_args(argv)
+    monkeypatch.setattr(pf, 'use_reentrant_ckpt', lambda: True)
+    with pytest.raises(BadInput) as e:
+        preflight(args, builtin_defaults())
+    assert str(e.value).startswith('--grad-checkpointing with reentrant checkpointing (TIMM_REENTRANT_CKPT is set): '
+                                   'eva02_tiny_patch14_224 (timm.models.eva) passes keyword arguments')
+    assert '\n' not in str(e.value)
+    args, _ = parse_args(BASE + ['--grad-checkpointing', '--output', str(tmp_path)])
+    preflight(args, builtin_defaults())  # a ResNet: fine with reentrant checkpointing
+    monkeypatch.setattr(pf, 'use_reentrant_ckpt', lambda: False)
+    args, _ = parse_args(argv)
+    preflight(args, builtin_defaults())  # non-reentrant (timm's default): fine

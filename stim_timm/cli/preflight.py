@@ -9,8 +9,11 @@ bug and keeps its traceback.
 import argparse
 import importlib
 import importlib.util
+import inspect
 import math
 import os
+import re
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Optional, Tuple
@@ -22,7 +25,7 @@ from huggingface_hub import constants, get_token
 from timm.data import dataset_factory
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.readers.img_extensions import get_img_extensions
-from timm.layers import convert_splitbn_model
+from timm.layers import convert_splitbn_model, use_reentrant_ckpt
 from timm.models import clean_state_dict, load_state_dict
 
 from ..method.inputs import SmallInput
@@ -249,6 +252,27 @@ def _check_small_inputs(args, name: str, model: nn.Module, min_scale: float) -> 
                        f'does not run through {name}: {one_line(e)}; raise --stim-small-input') from None
 
 
+# a checkpoint() call with keyword arguments other than use_reentrant (timm's EVA: rope=, attn_mask=, ...)
+_CKPT_KWARGS = re.compile(r'(?<![\w.])checkpoint\(\s*[\w.]+\s*,[^)]*?(?<![\w.])(?!use_reentrant\b)[a-z_]\w*\s*=(?!=)')
+
+
+def _check_grad_checkpointing(args, name: str, model: nn.Module) -> None:
+    """--grad-checkpointing with timm's reentrant checkpointing (TIMM_REENTRANT_CKPT=1) on a model whose
+    timm code passes keyword arguments to checkpoint(): torch's reentrant checkpoint refuses them at the
+    first training step. timm's default (non-reentrant) is exact with stimulative training."""
+    if not (getattr(args, 'grad_checkpointing', False) and use_reentrant_ckpt()):
+        return
+    module = sys.modules.get(type(model).__module__)
+    try:
+        source = inspect.getsource(module) if module is not None else ''
+    except (OSError, TypeError):
+        return
+    if _CKPT_KWARGS.search(source):
+        raise BadInput(f'--grad-checkpointing with reentrant checkpointing (TIMM_REENTRANT_CKPT is set): '
+                       f'{name} ({module.__name__}) passes keyword arguments to checkpoint(), which torch\'s '
+                       f'reentrant checkpoint refuses; unset TIMM_REENTRANT_CKPT (non-reentrant is exact)')
+
+
 def check_model(args) -> Tuple[str, bool, nn.Module, Tuple[int, ...]]:
     """Model name, stim variant and sampling rule vs the model's stages."""
     opts = stim_options(args)
@@ -279,6 +303,7 @@ def check_model(args) -> Tuple[str, bool, nn.Module, Tuple[int, ...]]:
             raise BadInput(f'--stim-rule for {name} {depths}: {one_line(e)}') from None
         if opts.get('small_input') is not None:
             _check_small_inputs(args, name, model, opts['small_input'])
+    _check_grad_checkpointing(args, name, model)
     if args.kd_model_name and not timm.is_model(args.kd_model_name):
         raise BadInput(f"unknown teacher model '{args.kd_model_name}' (--kd-model-name)")
     if args.kd_model_name and stim_on and args.kd_distill_type != 'logit':
