@@ -43,9 +43,9 @@ FAMILIES = {
     'cifar_resnet': ('resnet20_cifar', dict(layers=(3, 3, 3)), 16, 0.5),
     'resnetv2': ('resnetv2_18', dict(layers=(2, 2, 1, 1), channels=(8, 8, 8, 8), stem_chs=8), 32, 0.5),
     'convnext': ('convnext_atto', dict(depths=(2, 2, 1, 1), dims=(8, 8, 8, 8)), 64, 0.5),
-    'regnet': ('regnetx_002', {}, 32, 0.5),
-    'efficientnet': ('efficientnet_b0', {}, 32, 0.5),
-    'mobilenetv3': ('mobilenetv3_small_050', {}, 32, 0.5),
+    'regnet': ('regnetx_002', {}, 16, 0.5),
+    'efficientnet': ('efficientnet_b0', {}, 16, 0.5),
+    'mobilenetv3': ('mobilenetv3_small_050', {}, 16, 0.5),
     'swin': ('swin_tiny_patch4_window7_224', dict(img_size=32, window_size=2, embed_dim=12, num_heads=(1, 1),
                                                   depths=(2, 2)), 32, None),
     'vit': ('vit_tiny_patch16_224', _VIT, 32, 0.5),
@@ -81,10 +81,9 @@ def _grads(model: nn.Module) -> Dict[str, Optional[torch.Tensor]]:
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
-def stim_step(model: nn.Module, ckpt: bool, mode: str, small: Optional[float], x, y, step: int, batch_size=None):
+def stim_step(model: nn.Module, ckpt: bool, mode: str, rule: str, small: Optional[float], x, y, step: int):
     """One ST / ST++ step of a copy of ``model``: loss, grads, buffers, the sub-networks and, in
     ``backward_fn`` mode, the largest gradient a sub-network's own backward put on blocks it skips."""
-    rule = MODES[mode]
     model = copy.deepcopy(model)
     model.set_grad_checkpointing(ckpt)
     model.train()
@@ -128,6 +127,11 @@ def stim_step(model: nn.Module, ckpt: bool, mode: str, small: Optional[float], x
             recomputed[0])
 
 
+def bn_buffers_equal(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
+    """Every buffer (BN running statistics) bit-identical."""
+    return a.keys() == b.keys() and all(torch.equal(t, b[n]) for n, t in a.items())
+
+
 def max_rel_error(ref, other) -> float:
     """max over parameters of |g - g_ref| / max |g_ref|; a parameter with a gradient on one side only fails."""
     worst = 0.0
@@ -145,19 +149,21 @@ def proper_step(model: nn.Module, rule: str) -> int:
     return next(s for s in range(100) if all(sampler.sample(s, k) != model.stage_depths for k in range(2)))
 
 
-def compare(family: str, use_reentrant: bool, mode: str, batch: int = 2) -> Dict[str, object]:
-    """The checkpointed step against the unchecked one from the same state."""
+def compare(family: str, use_reentrant: bool, mode: str, rule: Optional[str] = None, batch: int = 2) -> Dict[str, object]:
+    """The checkpointed step against the unchecked one from the same state (``rule``: the mode's by default;
+    'stpp' brings KL- and small inputs)."""
+    rule = rule or MODES[mode]
     model, side, small = make(family)
     torch.manual_seed(2)
     x, y = torch.randn(batch, 3, side, side), torch.randint(0, 5, (batch,))
-    step = proper_step(model, MODES[mode])
+    step = proper_step(model, rule)
     with reentrant(use_reentrant):
-        loss0, g0, b0, subnets0, _, none = stim_step(model, False, mode, small, x, y, step)
-        loss1, g1, b1, subnets1, skipped, recomputed = stim_step(model, True, mode, small, x, y, step)
+        loss0, g0, b0, subnets0, _, none = stim_step(model, False, mode, rule, small, x, y, step)
+        loss1, g1, b1, subnets1, skipped, recomputed = stim_step(model, True, mode, rule, small, x, y, step)
     assert subnets0 == subnets1 and all(s != model.stage_depths for s in subnets0)
     assert none == 0 and recomputed > 0, (none, recomputed)  # checkpointing really recomputed blocks
     return dict(rel_error=max_rel_error(g0, g1), loss_equal=torch.equal(loss0, loss1),
-                buffers_equal=b0.keys() == b1.keys() and all(torch.equal(b, b1[n]) for n, b in b0.items()),
+                buffers_equal=bn_buffers_equal(b0, b1),
                 has_bn=any(n.endswith('running_mean') for n in b0), skipped_grad=skipped, subnets=subnets0,
                 recomputed=recomputed)
 
