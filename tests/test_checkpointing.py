@@ -21,6 +21,16 @@ from grad_checkpointing import FAMILIES, bn_buffers_equal, compare, make, max_re
 
 from stim_timm import keep_bn_stats  # noqa: E402
 
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """Tiny tensors: one intra-op thread (two threads on a loaded 2-core machine wait for each other,
+    measured 0.3 ms vs 75 ms per small conv)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 NON, RE = False, True
 # family -> (reentrant, mode): every family once, every (reentrant, mode) pair on a CNN and a transformer
 ONE_CASE = {
