@@ -127,10 +127,10 @@ class SavedBytes:
         return h.t
 
 
-def peak_saved(num_subnets: int, stepwise: bool) -> int:
+def peak_saved(num_subnets: int, stepwise: bool, share_prefix: bool = False) -> int:
     model = tiny_model()
     x, y = batch(16)
-    task = StimTask(model, nn.CrossEntropyLoss(), num_subnets=num_subnets, verbose=False)
+    task = StimTask(model, nn.CrossEntropyLoss(), num_subnets=num_subnets, share_prefix=share_prefix, verbose=False)
     task.train()
     tracker = SavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
@@ -141,7 +141,9 @@ def peak_saved(num_subnets: int, stepwise: bool) -> int:
 
 def test_peak_memory_with_backward_fn_does_not_grow_with_k():
     plain, one, six = (peak_saved(k, stepwise=True) for k in (0, 1, 6))
-    # Each pass's graph is freed before the next: the peak is that of the full pass alone.
+    # Recomputing sub-networks (share_prefix=False): each pass's graph is freed before the next, the
+    # peak is that of the full pass alone. (Sharing keeps the full graph until the last sub-network:
+    # tests/test_share_prefix.py::test_peak_saved_memory.)
     assert one == plain and six == plain
     # Without backward_fn (any timm loop) every pass's graph is alive until the loop's backward.
     # (a sub-network's graph is smaller than the full one's: it skips blocks).

@@ -217,7 +217,8 @@ def _switched_forward(block: nn.Module, x, *args, **kwargs):
     record = _RECORD.get()
     if record is not None and record.board is board and not _in_backward():
         if record.replaying:
-            if depths is not None and block.stim_position < _first_dropped(depths, board.stage_depths):
+            # the full network itself as a "sub-network" (a uniform draw may be it) replays every block
+            if block.stim_position < _first_dropped(depths or board.stage_depths, board.stage_depths):
                 shared = record.replay(block, x)
                 if shared is not None:
                     return shared  # the full pass's output of this block: the prefix is not recomputed
@@ -259,8 +260,7 @@ def _in_checkpoint() -> bool:
         return False
     if not hooks:
         return False
-    owner = getattr(hooks[0], '__self__', None)
-    return owner is not None and type(owner).__module__ == 'torch.utils.checkpoint'
+    return getattr(hooks[0], '__module__', None) == 'torch.utils.checkpoint'  # its pack hook
 
 
 class PrefixRecord:
