@@ -10,6 +10,15 @@ import torch
 import stim_timm
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """Tiny tensors: one intra-op thread (two threads on a loaded 2-core machine wait for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def model():
     torch.manual_seed(0)
     return timm.create_model('stim_resnet20_cifar', zero_init_last=False, num_classes=4).eval()
