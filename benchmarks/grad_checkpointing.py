@@ -21,6 +21,7 @@ comparison on a subset.
 """
 import argparse
 import copy
+import inspect
 import os
 import platform
 import time
@@ -52,6 +53,7 @@ FAMILIES = {
     'deit3': ('deit3_small_patch16_224', _VIT, 32, 0.5),
     'eva': ('eva02_tiny_patch14_224', dict(img_size=28, patch_size=7, embed_dim=16, depth=3, num_heads=2), 28, None),
 }
+NO_SHARING = dict(share_prefix=False) if 'share_prefix' in inspect.signature(StimTask.__init__).parameters else {}
 MODES = {'summed': 'uniform', 'backward_fn': 'stpp'}  # mode -> rule (ST: KL; ST++: KL-, small inputs)
 
 
@@ -81,14 +83,15 @@ def _grads(model: nn.Module) -> Dict[str, Optional[torch.Tensor]]:
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
-def stim_step(model: nn.Module, ckpt: bool, mode: str, rule: str, small: Optional[float], x, y, step: int):
+def stim_step(model: nn.Module, ckpt: bool, mode: str, rule: str, small: Optional[float], x, y, step: int,
+              **task_kwargs):
     """One ST / ST++ step of a copy of ``model``: loss, grads, buffers, the sub-networks and, in
     ``backward_fn`` mode, the largest gradient a sub-network's own backward put on blocks it skips."""
     model = copy.deepcopy(model)
     model.set_grad_checkpointing(ckpt)
     model.train()
     task = StimTask(model, nn.CrossEntropyLoss(), num_subnets=2, rule=rule, kl_minus=rule == 'stpp',
-                    small_input=small if rule == 'stpp' else None, seed=3)
+                    small_input=small if rule == 'stpp' else None, seed=3, **task_kwargs)
     task.set_step(step)
     names = {p: n for n, p in model.named_parameters()}
     recomputed = [0]  # block forwards run during backward: checkpointing's recomputation
@@ -158,14 +161,19 @@ def compare(family: str, use_reentrant: bool, mode: str, rule: Optional[str] = N
     x, y = torch.randn(batch, 3, side, side), torch.randint(0, 5, (batch,))
     step = proper_step(model, rule)
     with reentrant(use_reentrant):
-        loss0, g0, b0, subnets0, _, none = stim_step(model, False, mode, rule, small, x, y, step)
+        # reference: the unchecked step with independent passes (share_prefix=False: ST's own computation;
+        # checkpointing falls back to it); the default unchecked step (prefix sharing) is compared too
+        loss0, g0, b0, subnets0, _, none = stim_step(model, False, mode, rule, small, x, y, step, **NO_SHARING)
         loss1, g1, b1, subnets1, skipped, recomputed = stim_step(model, True, mode, rule, small, x, y, step)
+        shared = stim_step(model, False, mode, rule, small, x, y, step) if NO_SHARING else None
     assert subnets0 == subnets1 and all(s != model.stage_depths for s in subnets0)
     assert none == 0 and recomputed > 0, (none, recomputed)  # checkpointing really recomputed blocks
     return dict(rel_error=max_rel_error(g0, g1), loss_equal=torch.equal(loss0, loss1),
                 buffers_equal=bn_buffers_equal(b0, b1),
                 has_bn=any(n.endswith('running_mean') for n in b0), skipped_grad=skipped, subnets=subnets0,
-                recomputed=recomputed)
+                recomputed=recomputed,
+                shared_rel_error=None if shared is None else max_rel_error(g0, shared[1]),
+                shared_loss_equal=None if shared is None else torch.equal(loss0, shared[0]))
 
 
 def main(argv=None) -> None:
@@ -199,18 +207,23 @@ def main(argv=None) -> None:
              "- skipped-block grads: the largest gradient a sub-network's own backward put on the blocks it "
              'skips (backward_fn mode; in the summed mode the passes share one backward, n/a);',
              '- recomputed: block forwards run during backward in the checkpointed step (0 in the unchecked one): '
-             'checkpointing was really on.', '',
+             'checkpointing was really on;',
+             '- the reference is the unchecked step with independent passes (`share_prefix=False`, the computation '
+             'ST / ST++ define; a checkpointed step does not share prefixes); *unchecked shared prefix*: the default '
+             'unchecked step (prefix sharing) against the same reference (rel. error, loss equal).', '',
              '| family | checkpointing | mode | rel. error | loss equal | BN / buffers equal | skipped-block grads '
-             '| recomputed |', '|---|---|---|---|---|---|---|---|']
+             '| recomputed | unchecked shared prefix |', '|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         ck = 'reentrant' if r['reentrant'] else 'non-reentrant'
         if 'error' in r:
-            lines.append(f"| {r['family']} | {ck} | {r['mode']} | refused: {r['error']} | | | | |")
+            lines.append(f"| {r['family']} | {ck} | {r['mode']} | refused: {r['error']} | | | | | |")
             continue
         bn = ('yes' if r['buffers_equal'] else 'NO') + ('' if r['has_bn'] else ' (no BN)')
+        sh = 'n/a' if r['shared_rel_error'] is None else \
+            f"{r['shared_rel_error']:.1e}{'' if r['shared_loss_equal'] else ', loss differs'}"
         sk = 'n/a' if r['skipped_grad'] is None else ('none' if r['skipped_grad'] == 0 else f"{r['skipped_grad']:.2e}")
         lines.append(f"| {r['family']} | {ck} | {r['mode']} | {r['rel_error']:.1e} | "
-                     f"{'yes' if r['loss_equal'] else 'NO'} | {bn} | {sk} | {r['recomputed']} |")
+                     f"{'yes' if r['loss_equal'] else 'NO'} | {bn} | {sk} | {r['recomputed']} | {sh} |")
     worst = max((r['rel_error'] for r in rows if 'rel_error' in r), default=float('nan'))
     lines += ['', f'Largest rel. error: {worst:.1e}. Total time {time.time() - start:.0f} s.']
     text = '\n'.join(lines) + '\n'

@@ -5,7 +5,8 @@ The full matrix (reentrant x mode x rule) runs on the CIFAR ResNet; every other 
 has ``set_grad_checkpointing`` runs one combined case, the combinations alternating across families so
 that each occurs on CNNs and transformers. Gradients, losses, BN running statistics and the gradient a
 sub-network's own backward puts on blocks it skips are compared to the same step without
-checkpointing (``benchmarks/grad_checkpointing.py``, tiny configs; it has the whole table:
+checkpointing, with independent passes (``share_prefix=False``: a checkpointed step does not share
+prefixes; ``benchmarks/grad_checkpointing.py``, tiny configs; it has the whole table:
 ``benchmarks/results/grad_checkpointing.md``)."""
 import copy
 import os
