@@ -103,11 +103,24 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stdout`` is when a record is emitted: an in-process caller (a test,
+    a notebook) may have swapped and closed the stream the first ``main()`` saw."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(primary: bool) -> None:
     if any(getattr(h, 'stim_train', False) for h in logging.root.handlers):  # main() called again in-process
         logging.root.setLevel(logging.INFO if primary else logging.WARNING)
         return
-    handler = logging.StreamHandler(sys.stdout)  # stderr stays for errors
+    handler = _StdoutHandler()  # stderr stays for errors
     handler.stim_train = True
     handler.setFormatter(FormatterNoInfo())
     logging.root.addHandler(handler)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..models.subnet import get_stim_model, is_stim_model
 from .bn import bn_layers, bn_state, load_bn_state, reestimate_bn
+from .classes import split_class_map
 
 __all__ = ['eval_loader', 'evaluate']
 
@@ -31,8 +32,12 @@ Depths = Tuple[int, ...]
 
 def eval_loader(data_dir: str, split: str, data_config: Dict[str, Any], batch_size: int, workers: int,
                  max_images: Optional[int] = None, seed: int = 0, shuffle: bool = False,
-                 training: bool = False, train_transform: Optional[Dict[str, Any]] = None) -> DataLoader:
+                 training: bool = False, train_transform: Optional[Dict[str, Any]] = None,
+                 classes: Optional[Sequence[str]] = None) -> DataLoader:
     """timm dataset with timm's eval (or train) transform; ``max_images`` keeps a fixed random subset.
+
+    ``classes``: the run's class map (names in index order); an image-folder split must then have
+    exactly these classes (else a one-line ValueError) and is read with that map, not a re-derived one.
 
     ``train_transform``: ``create_transform`` keywords over ``data_config`` when ``training`` (the
     run's own augmentation, ``run.checkpoint.run_train_transform``); without them, timm's defaults.
@@ -41,7 +46,10 @@ def eval_loader(data_dir: str, split: str, data_config: Dict[str, Any], batch_si
         raise ValueError(f'{data_dir}: no such data folder')
     _check_split(data_dir, split)
     try:
-        dataset = create_dataset('', root=data_dir, split=split, is_training=False)
+        class_map = split_class_map(os.path.join(data_dir, split), classes)
+        dataset = create_dataset('', root=data_dir, split=split, is_training=False, class_map=class_map)
+    except ValueError:
+        raise
     except Exception as e:  # timm raises assorted errors for empty / odd folders
         raise ValueError(f'{data_dir}: cannot read split {split!r} ({str(e).strip().splitlines()[0]})') from None
     if len(dataset) == 0:

@@ -87,7 +87,8 @@ def analyze_checkpoints(
             chosen = []
         chosen = [d for d in dict.fromkeys(chosen) if d != full]
         data_config = run_data_config(model, weights.args)
-        loader = eval_loader(data_dir, split, data_config, batch_size, workers, max_images, seed)
+        loader = eval_loader(data_dir, split, data_config, batch_size, workers, max_images, seed,
+                             classes=weights.classes)
         calib = None
         if recalibrate_bn > 0 and bn_layers(model):
             train_loader = eval_loader(data_dir, train_split, data_config, batch_size, workers, None, seed,

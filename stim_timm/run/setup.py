@@ -7,10 +7,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.data import AugMixDataset, FastCollateMixup, ImageDataset, Mixup, create_dataset, create_loader
-from timm.data.readers.img_extensions import get_img_extensions
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
 
+from ..eval.classes import check_class_folders
 from ..models import create_stimulative
 from .io import one_line
 from .loader_hooks import count_bad_images
@@ -47,36 +47,6 @@ def create_stim_model(args, stim_on: bool = True, small_inputs: bool = False) ->
         model.set_grad_checkpointing(True)
     args.num_classes = model.num_classes
     return model
-
-
-def _class_folder_problem(folder: str) -> Optional[str]:
-    """Why a class folder gives no images (unreadable, or no image file anywhere in it), or None."""
-    exts = get_img_extensions(as_set=True)
-    errors: List[OSError] = []
-    found = False
-    for _, _, files in os.walk(folder, followlinks=True, onerror=errors.append):
-        if any(os.path.splitext(f)[1].lower() in exts for f in files):
-            found = True
-            break
-    if errors:
-        e = errors[0]
-        return f'class folder {e.filename or folder}: unreadable ({e.strerror or type(e).__name__})'
-    return None if found else f'class folder {folder}: no images (an empty class would shift every later ' \
-                              f'class index; add its images or remove the folder)'
-
-
-def check_class_folders(split_dir: str) -> List[str]:
-    """The class folders of an image-folder split, sorted as timm sorts them; ValueError naming the
-    first one that is empty or unreadable (timm would drop it and shift the later classes' indices)."""
-    try:
-        names = [e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.')]
-    except OSError as e:
-        raise ValueError(f'split folder {split_dir}: unreadable ({e.strerror or type(e).__name__})') from None
-    for name in sorted(names):
-        problem = _class_folder_problem(os.path.join(split_dir, name))
-        if problem:
-            raise ValueError(problem)
-    return names
 
 
 def _reader(ds: Any) -> Any:
