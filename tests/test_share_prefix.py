@@ -215,7 +215,27 @@ def test_replay_keeps_the_full_pass_tag_on_h_and_checks_the_input():
     assert getattr(h.untyped_storage(), subnet._TAG) == (board, None)  # not overwritten by the sub-network
     with model.subnet(depths), replay_prefix(record), pytest.raises(RuntimeError, match='same input'):
         model(x[:, :, :8, :8])
+    with torch.no_grad():
+        h.mul_(1.0)  # changed in place after the full pass: not shared, recomputed
+    with model.subnet(depths), replay_prefix(record) as replay:
+        model(x)
+        assert not replay.handed_out(h)
     record.clear()
+
+
+@pytest.mark.parametrize('reentrant', [True, False])
+def test_recording_inside_checkpointed_segments_is_refused(reentrant):
+    """The switch's own guard (besides the task's look at ``grad_checkpointing``): a full pass run in
+    checkpointed segments leaves an invalid record, so nothing is shared."""
+    from torch.utils.checkpoint import checkpoint
+    model = make('resnet').train()
+    x = data(16)[0].requires_grad_()
+    with record_prefix(model) as record:
+        checkpoint(model, x, use_reentrant=reentrant).sum().backward()
+    assert not record.valid
+    with record_prefix(model) as record:
+        model(x)
+    assert record.valid and len(record.outputs) == 6
 
 
 def test_small_inputs_and_opt_out_do_not_share():

@@ -237,9 +237,9 @@ class StimTask(TrainingTask):
         stepwise = backward_fn is not None
         # DDP syncs the backward of the passes whose forward ran outside no_sync(): the one backward
         # of the whole graph by default, the returned last term's with backward_fn.
-        record = None
+        share = self.shares_prefix and not self._checkpointing(stim)
         with self.no_sync() if stepwise else nullcontext(), \
-                record_prefix(stim) if self.shares_prefix else nullcontext() as record:
+                record_prefix(stim) if share else nullcontext() as record:
             result = self.inner(input, target)
         main, teacher = result['loss'], result['output'].detach()
         self.last_shared = record is not None and record.valid and bool(record.outputs)
@@ -282,6 +282,12 @@ class StimTask(TrainingTask):
     def shares_prefix(self) -> bool:
         """Whether sub-networks reuse the full pass's prefix (``share_prefix`` and full-size inputs)."""
         return self.share_prefix and self.small_input is None
+
+    @staticmethod
+    def _checkpointing(stim: nn.Module) -> bool:
+        """timm's gradient checkpointing switched on anywhere in the model (then the step recomputes;
+        the switch also detects checkpointed segments while recording, this is the second guard)."""
+        return any(getattr(m, 'grad_checkpointing', False) is True for m in stim.modules())
 
     def _backward_factor(self, backward_fn: BackwardFn, device: torch.device) -> torch.Tensor:
         """The factor ``backward_fn`` puts on a term's gradients (fp16 loss scale / accumulation steps):

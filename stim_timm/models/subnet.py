@@ -274,7 +274,7 @@ class PrefixRecord:
 
     def __init__(self, board: _Board):
         self.board = board
-        self.outputs: Dict[int, Tuple[nn.Module, torch.Size, torch.Tensor]] = {}
+        self.outputs: Dict[int, Tuple[nn.Module, torch.Size, torch.Tensor, int]] = {}
         self.valid = True
         self.replaying = False
         self.detach = False
@@ -286,15 +286,16 @@ class PrefixRecord:
                 or _in_backward():
             self.valid = False
             return
-        self.outputs[id(block)] = (block, x.shape, out)
+        self.outputs[id(block)] = (block, x.shape, out, out._version)
 
     def replay(self, block: nn.Module, x) -> Optional[torch.Tensor]:
         entry = self.outputs.get(id(block)) if self.valid else None
-        if entry is None or entry[0] is not block:
-            return None
+        if entry is None or entry[0] is not block or entry[2]._version != entry[3]:
+            return None  # not recorded, or changed in place after the block (then it is recomputed)
         if not isinstance(x, torch.Tensor) or x.shape != entry[1]:
-            raise RuntimeError(f'prefix sharing: block {block.stim_position} sees input {tuple(getattr(x, "shape", ()))}'
-                               f' in the sub-network pass, {tuple(entry[1])} in the full pass; sharing needs the '
+            shape = tuple(getattr(x, 'shape', ()))
+            raise RuntimeError(f'prefix sharing: block {block.stim_position} sees input {shape} in the '
+                               f'sub-network pass, {tuple(entry[1])} in the full pass; sharing needs the '
                                f'same input (share_prefix=False for other inputs)')
         out = entry[2]
         if self.detach:
