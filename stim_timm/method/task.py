@@ -28,8 +28,8 @@ full pass's activations up to its first dropped block instead of recomputing the
 ``backward_fn``, the full loss is *not* handed to ``fn``: its graph (the shared prefix) is kept, and the
 returned term is the full loss plus the last sub-network's term plus a zero-valued carrier of the other
 sub-networks' gradients at their branch activations; ``fn`` is still called on every other sub-network
-term (and once on a probe scalar that measures ``fn``'s factor). Same gradients, fewer FLOPs, a higher
-peak (docs/method.md).
+term (and, for k >= 2, once on a probe scalar that measures ``fn``'s factor). Same gradients, fewer
+FLOPs, a higher peak (docs/method.md).
 
 DDP: in ``backward_fn`` mode the returned (synced) term reaches every parameter (skipped blocks
 through a zero term), so gradients are all-reduced exactly once. BN running statistics are only
