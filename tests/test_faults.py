@@ -427,3 +427,21 @@ def test_exports_follow_the_umask(done2, tmp_path):
         os.umask(old)
     modes = {n: oct(os.stat(tmp_path / 'x' / n).st_mode & 0o777) for n in os.listdir(tmp_path / 'x')}
     assert set(modes.values()) == {'0o644'}, modes
+
+
+def test_ctrl_c_is_one_line_and_keeps_what_was_saved(data, done2, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) while training: one line naming the checkpoint to resume, exit 130,
+    the files saved before untouched; before any checkpoint: 'no checkpoint was saved'."""
+    def interrupted(run):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_cli, 'train', interrupted)
+    run = copy_run(done2, tmp_path / 'b')
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.suffix == '.tar'}
+    code, err = train(data, tmp_path, 'b', '--epochs', '3', '--resume', run / 'last.pth.tar', capsys=capsys)
+    assert code == 130
+    assert one_error(err) == (f'interrupted (Ctrl-C): the last complete checkpoint is '
+                              f'{run / "last.pth.tar"} (--resume it to continue)')
+    assert {n: (run / n).read_bytes() for n in before} == before
+    check_folder(run)
+    code, err = train(data, tmp_path, 'fresh', '--epochs', '1', capsys=capsys)
+    assert code == 130 and one_error(err).endswith('interrupted (Ctrl-C): no checkpoint was saved')

@@ -464,11 +464,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run = setup(args, pre, parser)
     except SETUP_ERRORS as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail('interrupted (Ctrl-C) before training started; nothing was saved', code=130)
     try:
         return _prepare_and_train(args, run)
     finally:
         if run.folder is not None:
             run.folder.unlock()
+
+
+def _last_checkpoint(run: TrainRun) -> str:
+    last = run.folder.newest_checkpoint() if run.folder else None
+    return f'the last complete checkpoint is {last} (--resume it to continue)' if last else 'no checkpoint was saved'
 
 
 def _prepare_and_train(args, run: TrainRun) -> int:
@@ -481,9 +488,9 @@ def _prepare_and_train(args, run: TrainRun) -> int:
     except TrainingStopped as e:
         fail(str(e), code=1)
     except OSError as e:  # e.g. the disk filled up: the files saved before stay whole
-        last = run.folder.newest_checkpoint() if run.folder else None
-        fail(f'{one_line(e)}: stopped; ' + (f'the last complete checkpoint is {last}' if last else
-                                            'no checkpoint was saved'), code=1)
+        fail(f'{one_line(e)}: stopped; {_last_checkpoint(run)}', code=1)
+    except KeyboardInterrupt:  # saves are atomic: an interrupt leaves the files saved before whole
+        fail(f'interrupted (Ctrl-C): {_last_checkpoint(run)}', code=130)
     if args.distributed:
         torch.distributed.destroy_process_group()
     if run.saver is not None and run.saver.best_metric is not None:
