@@ -445,3 +445,16 @@ def test_ctrl_c_is_one_line_and_keeps_what_was_saved(data, done2, tmp_path, caps
     check_folder(run)
     code, err = train(data, tmp_path, 'fresh', '--epochs', '1', capsys=capsys)
     assert code == 130 and one_error(err).endswith('interrupted (Ctrl-C): no checkpoint was saved')
+
+
+def test_all_images_corrupt_is_one_line(tmp_path, capsys):
+    """timm gives up after a run of unreadable images: one line, exit 1, no traceback."""
+    for split in ('train', 'test'):
+        for c in ('a', 'b'):
+            (tmp_path / 'data' / split / c).mkdir(parents=True)
+            for i in range(8):
+                (tmp_path / 'data' / split / c / f'{i}.jpg').write_bytes(b'not a jpeg')
+    code, err = train(tmp_path / 'data', tmp_path / 'out', 'run', '--epochs', '1', '--num-classes', '2', capsys=capsys)
+    assert code == 1
+    assert one_error(err) == (f'Failed to load 10 consecutive samples: the images of '
+                              f'{tmp_path / "data"} are unreadable or corrupt; stopped; no checkpoint was saved')

@@ -489,6 +489,12 @@ def _prepare_and_train(args, run: TrainRun) -> int:
         fail(str(e), code=1)
     except OSError as e:  # e.g. the disk filled up: the files saved before stay whole
         fail(f'{one_line(e)}: stopped; {_last_checkpoint(run)}', code=1)
+    except RuntimeError as e:  # timm's dataset gives up after a run of unreadable images
+        lines = [ln.strip() for ln in str(e).splitlines() if 'consecutive samples' in ln]
+        if not lines:
+            raise
+        fail(f'{lines[-1].split(": ", 1)[-1]}: the images of {args.data_dir} are unreadable or corrupt; '
+             f'stopped; {_last_checkpoint(run)}', code=1)
     except KeyboardInterrupt:  # saves are atomic: an interrupt leaves the files saved before whole
         fail(f'interrupted (Ctrl-C): {_last_checkpoint(run)}', code=130)
     if args.distributed:
