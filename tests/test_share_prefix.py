@@ -238,14 +238,17 @@ def test_recording_inside_checkpointed_segments_is_refused(reentrant):
     assert record.valid and len(record.outputs) == 6
 
 
-def test_swin_recomputes():
-    """Swin: shared sub-network outputs differed from recomputed ones (a tiny config: ~10 % of the
-    logits; cause not found), so StimTask recomputes there, exactly."""
-    name, kwargs = 'swin_tiny_patch4_window7_224', dict(img_size=32, window_size=2, embed_dim=12,
-                                                         num_heads=(1, 1, 1, 1), depths=(2, 2, 2, 2))
+@pytest.mark.parametrize('name,kwargs,size', [
+    ('swin_tiny_patch4_window7_224', dict(img_size=32, window_size=2, embed_dim=12, num_heads=(1, 1, 1, 1),
+                                          depths=(2, 2, 2, 2)), 32),
+    ('mobilenetv3_small_050', {}, 32),  # shared gradients measured off by a relative 1.1
+])
+def test_unverified_families_recompute(name, kwargs, size):
+    """Families whose sharing is not tested exact (Swin: ~10 % of the logits off; EfficientNet /
+    MobileNetV3: gradients off; causes not found) recompute, exactly."""
     torch.manual_seed(0)
     model = make_stimulative(timm.create_model(name, num_classes=5, **kwargs))
-    x, y = data(32)
+    x, y = data(size)
     _, want, _ = step(model, False, False, 2, 'uniform', x, y)
     _, got, task = step(model, True, False, 2, 'uniform', x, y)
     assert not task.last_shared and rel_error(got, want) < 1e-6
