@@ -2,7 +2,6 @@
 
     stim-convert THEIR.pth.tar OUT_DIR [--model stim_resnet50.stpp_in1k] [--push-to-hub ORG/NAME]
 """
-import os
 import sys
 from typing import Optional, Sequence
 

@@ -57,10 +57,6 @@ class Preflight:
 
 
 # ---- values and flag conflicts (no file system) -------------------------------------------------
-def _flag(dest: str) -> str:
-    return '--' + dest.replace('_', '-')
-
-
 def _need(cond: bool, message: str) -> None:
     if not cond:
         raise BadInput(message)
@@ -80,7 +76,7 @@ def _range(args, dest: str, lo: Optional[float] = None, hi: Optional[float] = No
             right = ')' if hi_open else ']'
             low, high = ('-inf' if lo is None else f'{lo:g}'), ('inf' if hi is None else f'{hi:g}')
             interval = f'{left}{low}, {high}{right}'
-            raise BadInput(f'{_flag(dest)} must be in {interval}, got {v}')
+            raise BadInput(f'{presets.flag_name(dest)} must be in {interval}, got {v}')
 
 
 INTS_AT_LEAST = dict(epochs=1, batch_size=1, validation_batch_size=1, workers=0, grad_accum_steps=1,
@@ -142,7 +138,7 @@ def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
     for dest in ('scale', 'ratio'):
         v = getattr(args, dest)
         _need(len(v) == 2 and 0 < v[0] <= v[1] and all(map(math.isfinite, v)),
-              f'{_flag(dest)} must be two numbers 0 < low <= high, got {v}')
+              f'{presets.flag_name(dest)} must be two numbers 0 < low <= high, got {v}')
     _need(args.fuser in ('', 'te', 'old', 'legacy', 'nvfuser', 'nvf'),
           f"--fuser must be te, old or nvfuser, got '{args.fuser}'")
     _need(args.eval_metric in ('top1', 'top5', 'loss'),
@@ -151,7 +147,7 @@ def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
           f'--aug-splits must be 0 (off) or at least 2 (clean + augmented views), got {args.aug_splits}')
     for dest, needed in NEEDS.items():
         if getattr(args, dest) != defaults[dest] and not getattr(args, needed):
-            raise BadInput(f'{_flag(dest)} needs {_flag(needed)} (without it the flag would be ignored)')
+            raise BadInput(f'{presets.flag_name(dest)} needs {presets.flag_name(needed)} (without it the flag would be ignored)')
     _need(not args.jsd_loss or args.aug_splits > 1, '--jsd-loss needs --aug-splits 2 or more')
     _need(not args.split_bn or args.aug_splits > 1 or args.resplit,
           '--split-bn needs --aug-splits 2 or more (or --resplit)')
@@ -175,7 +171,7 @@ def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
     for dest in ('train_batch_sizes', 'train_size_probs'):
         v = getattr(args, dest)
         _need(v is None or len(v) == len(sizes),
-              f'{_flag(dest)} needs one value per --train-img-sizes entry ({len(sizes)}), got {len(v or [])}')
+              f'{presets.flag_name(dest)} needs one value per --train-img-sizes entry ({len(sizes)}), got {len(v or [])}')
     if args.train_size_probs is not None:
         _need(sum(args.train_size_probs) > 0, '--train-size-probs must not all be 0')
     if args.start_epoch is not None and args.start_epoch >= args.epochs:
@@ -195,7 +191,7 @@ def _check_device(device: Optional[str]) -> None:
         return
     try:
         dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError):
         raise BadInput(f'--device {device!r}: not a torch device such as cpu, cuda or cuda:1') from None
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise BadInput(f'--device {device}: no CUDA device is available here')
@@ -287,7 +283,7 @@ def check_model(args) -> Tuple[str, bool, nn.Module, Tuple[int, ...]]:
     for dest in ('mean', 'std'):
         v = getattr(args, dest)
         _need(v is None or len(v) in (1, chans),
-              f'{_flag(dest)} needs 1 or {chans} values (one per input channel of {name}), got {len(v or [])}')
+              f'{presets.flag_name(dest)} needs 1 or {chans} values (one per input channel of {name}), got {len(v or [])}')
     depths: Tuple[int, ...] = ()
     try:
         make_stimulative(model)

@@ -37,14 +37,14 @@ from ..models import compile_stimulative, format_depths, get_stim_model, is_stim
 from ..publish.hub import HubError, push_checkpoint
 from ..run.checkpoint import CheckpointError, atomic_save_safetensors
 from ..run.engine import (
-    LoopConfig, calibration_batches, subnet_column, subnet_eval_interval, train_one_epoch, validate, validate_subnets,
+    LoopConfig, calibration_batches, subnet_eval_interval, train_one_epoch, validate, validate_subnets,
 )
 from ..run.loader_hooks import HookedLoader, bad_images, recovery_hook, save_images_hook
 from ..run.memory import pin_mmap_threshold
 from ..run.setup import (
     create_datasets, create_loaders, create_stim_model, dataset_classes, distillation_task, train_loss,
 )
-from ..run.folder import RUN_FILES, TEMP_FILES, RunFolder
+from ..run.folder import RUN_FILES, TEMP_FILES, RunFolder, subnet_column
 from ..run.io import one_line
 from ..run.state import StimCheckpointSaver, apply_resume, apply_resume_ema
 from ..run.tracking import create_trackers
@@ -238,7 +238,7 @@ def resume_run(args, ckpt: Dict[str, Any], task, optimizer, loss_scaler, lr_sche
     first = args.start_epoch if args.start_epoch is not None else done
     if first >= num_epochs:
         raise ValueError(f'--resume {args.resume}: the checkpoint has completed {done} epochs and --epochs '
-                         f'{args.epochs} leaves nothing to train' + (f' (the run is complete)' if not relayout else '')
+                         f'{args.epochs} leaves nothing to train' + (' (the run is complete)' if not relayout else '')
                          + f': give --epochs {done + 1} or more to continue it')
     start_epoch = apply_resume(ckpt, args.resume, task, None if args.no_resume_opt else optimizer,
                                None if relayout else lr_scheduler, None if args.no_resume_opt else loss_scaler)

@@ -10,7 +10,7 @@ network's it is understated. The training loop's validations (``stim_timm.run.en
 import os
 import sys
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,13 +19,13 @@ from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from ..models.depths import Depths
 from ..models.subnet import get_stim_model, is_stim_model
 from .bn import bn_layers, bn_state, load_bn_state, reestimate_bn
 from .classes import split_class_map
 
 __all__ = ['eval_loader', 'evaluate']
 
-Depths = Tuple[int, ...]
 
 
 # ------------------------------------------------------------------------------------------------ data

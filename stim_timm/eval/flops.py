@@ -20,11 +20,11 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..models.depths import Depths
 from ..models.subnet import get_stim_model, validate_depths
 
 __all__ = ['FlopTable', 'flop_table', 'count_flops', 'subnet_flops', 'relative_flops', 'clear_flops_cache']
 
-Depths = Tuple[int, ...]
 InputSize = Tuple[int, ...]
 
 _TABLES: Dict[tuple, 'FlopTable'] = {}

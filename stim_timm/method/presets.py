@@ -37,8 +37,9 @@ def _flags(flags: Mapping[str, Any]) -> Dict[str, Any]:
     return {**_DEFAULTS, **{k: v for k, v in flags.items() if k in _DEFAULTS}}
 
 
-def _flag(key: str) -> str:
-    return '--' + key.replace('_', '-')
+def flag_name(dest: str) -> str:
+    """``stim_weight`` -> ``--stim-weight``: how a flag's destination is spelled on the command line."""
+    return '--' + dest.replace('_', '-')
 
 
 def stim_enabled(flags: Mapping[str, Any]) -> bool:
@@ -65,7 +66,7 @@ def resolve_stim(flags: Mapping[str, Any]) -> Dict[str, Any]:
     if preset is None:
         changed = [k for k, v in STIM_MODIFIERS.items() if f[k] != v]
         if changed or f['stim_subnets'] is not None and f['stim_subnets'] < 0:
-            names = ', '.join(map(_flag, changed)) or '--stim-subnets'
+            names = ', '.join(map(flag_name, changed)) or '--stim-subnets'
             raise ValueError(f'{names} needs stimulative training: add --stim, --stim-kl-minus or --stim-pp')
         return dict(num_subnets=0)
     if f['stim_subnets'] == 0:

@@ -20,11 +20,11 @@ draws the same sub-network for the same step.
 """
 import itertools
 import random
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
+from ..models.depths import Depths
 from ..models.depths import parse_counts, parse_panel
 
-Depths = Tuple[int, ...]
 
 __all__ = ['SubnetSampler', 'rule_max_drops', 'parse_panel']
 
@@ -100,10 +100,6 @@ class SubnetSampler:
     @property
     def smallest(self) -> Depths:
         return tuple(n - d for n, d in zip(self.stage_depths, self.max_drops))
-
-    @property
-    def median(self) -> Depths:
-        return tuple(n - d // 2 for n, d in zip(self.stage_depths, self.max_drops))
 
     def candidates(self) -> List[Depths]:
         """Every sub-network the rule can draw, the full network included."""

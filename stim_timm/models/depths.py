@@ -14,7 +14,9 @@ The syntax is exact, and anything else is refused (ValueError naming the text), 
 import re
 from typing import List, Sequence, Tuple
 
-__all__ = ['format_depths', 'parse_depths', 'parse_counts', 'parse_panel', 'DEPTHS_SYNTAX']
+__all__ = ['Depths', 'format_depths', 'parse_depths', 'parse_counts', 'parse_panel', 'DEPTHS_SYNTAX']
+
+Depths = Tuple[int, ...]  # blocks kept per stage, e.g. (3, 4, 6, 3)
 
 DEPTHS_SYNTAX = 'block counts per stage such as 3,4,6,3 or 3-4-6-3'
 _NUMBER = r'(?:0|[1-9][0-9]*)'

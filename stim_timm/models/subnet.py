@@ -40,12 +40,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .depths import Depths
+
 __all__ = [
     'make_stimulative', 'is_stim_model', 'get_stim_model', 'validate_depths', 'keep_bn_stats',
     'compile_stimulative', 'find_stages', 'SUPPORTED_FAMILIES', 'record_prefix', 'replay_prefix', 'PrefixRecord',
 ]
 
-Depths = Tuple[int, ...]
 
 SUPPORTED_FAMILIES = ('ResNet/ResNeXt/WRN/ResNet-D (+ the CIFAR ResNets)', 'ResNetV2', 'ConvNeXt', 'RegNet',
                       'EfficientNet/MobileNetV3', 'Swin', 'ViT/DeiT/DeiT-III/EVA')

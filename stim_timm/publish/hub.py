@@ -27,7 +27,7 @@ from ..eval.plot import plot_loafing
 from ..method.presets import describe_stim
 from ..models.subnet import format_depths, validate_depths
 from ..run.checkpoint import CheckpointError, TrainedWeights, load_trained_model, run_data_config
-from ..run.folder import RunFolder
+from ..run.folder import RunFolder, to_float
 from ..run.io import one_line
 from .card import Top1, build_card, retarget_card, write_card
 from .export import export_subnet, needs_plugin, plain_architecture, save_plain_model
@@ -89,13 +89,6 @@ def upload_folder(folder: str, repo_id: str, private: bool = False, revision: Op
 
 # ------------------------------------------------------------------------------------- run metadata
 
-def _float(v: Any) -> Optional[float]:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
 def _summary_subnet_rows(row: Optional[Dict[str, str]], model: nn.Module, input_size: Sequence[int],
                          label: str) -> List[Dict[str, Any]]:
     """Sub-network accuracies that training logged in summary.csv (``subnet_3-3-4-3_top1``)."""
@@ -103,7 +96,7 @@ def _summary_subnet_rows(row: Optional[Dict[str, str]], model: nn.Module, input_
         return []
     full = tuple(model.stage_depths)
     out = [dict(checkpoint=label, depths=list(full), blocks_kept=sum(full), rel_flops=1.0,
-                top1=_float(row.get('eval_top1')), top5=_float(row.get('eval_top5')), is_full=True)]
+                top1=to_float(row.get('eval_top1')), top5=to_float(row.get('eval_top5')), is_full=True)]
     full_flops = subnet_flops(model, None, input_size)
     for depths, top1, top5 in RunFolder.subnet_results(row):
         try:
@@ -153,11 +146,11 @@ def _card(repo_id: str, arch: str, stim_name: str, plugin: bool, weights: Traine
         lines.append(f"- **Epochs:** {args['epochs']}")
     lines += [f'- **{k}:** {v}' for k, v in describe_stim(args)]
     sections.append('\n'.join(lines))
-    top1 = _float(summary.get('eval_top1')) if summary else None
+    top1 = to_float(summary.get('eval_top1')) if summary else None
     if summary:
         epoch = summary.get('epoch', '?')
         sections.append(f"## Results\nFull network, epoch {epoch} ({summary_how}): top-1 **{_fmt(top1)}%**, "
-                        f"top-5 {_fmt(_float(summary.get('eval_top5')))}%.")
+                        f"top-5 {_fmt(to_float(summary.get('eval_top5')))}%.")
     if subnet_rows:
         lines = ['## Sub-networks',
                  'A sub-network keeps the first *d* blocks of each stage. Network loafing shows as sub-networks '
@@ -166,8 +159,8 @@ def _card(repo_id: str, arch: str, stim_name: str, plugin: bool, weights: Traine
                  '|---|---|---|---|---|']
         for r in sorted(subnet_rows, key=lambda r: (-r['blocks_kept'], r['depths'])):
             name = format_depths(r['depths']) + (' (full)' if r.get('is_full') else '')
-            lines.append(f"| {name} | {r['blocks_kept']} | {r['rel_flops']:.3f} | {_fmt(_float(r.get('top1')))} | "
-                         f"{_fmt(_float(r.get('top5')))} |")
+            lines.append(f"| {name} | {r['blocks_kept']} | {r['rel_flops']:.3f} | {_fmt(to_float(r.get('top1')))} | "
+                         f"{_fmt(to_float(r.get('top5')))} |")
         sections.append('\n'.join(lines))
     if has_plot:
         sections.append('![top-1 against relative FLOPs of the sub-networks](loafing.png)')

@@ -20,9 +20,9 @@ from timm import utils
 
 from ..eval.evaluate import evaluate
 from ..method.task import StimTask
-from . import folder as run_folder
+from .folder import subnet_column
 
-__all__ = ['LoopConfig', 'train_one_epoch', 'validate', 'validate_subnets', 'subnet_column',
+__all__ = ['LoopConfig', 'train_one_epoch', 'validate', 'validate_subnets',
            'calibration_batches', 'subnet_eval_interval']
 
 _logger = logging.getLogger('train')
@@ -197,10 +197,6 @@ def _log_eval(label: str, seconds: float, metrics: Dict[str, float], cfg: LoopCo
     if cfg.primary:
         _logger.info(f'{label}: {seconds:.1f}s  Loss: {metrics["loss"]:>6.3f}  '
                      f'Acc@1: {metrics["top1"]:>7.3f}  Acc@5: {metrics["top5"]:>7.3f}')
-
-
-def subnet_column(depths: Sequence[int]) -> str:
-    return run_folder.subnet_column(depths)
 
 
 def calibration_batches(loader, cfg: LoopConfig, num_images: int) -> List[torch.Tensor]:

@@ -27,7 +27,6 @@ import glob
 import hashlib
 import json
 import os
-import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
@@ -114,7 +113,8 @@ def atomic_write_text_to(tmp: str, text: str) -> None:
         f.write(text)
 
 
-def _float(v: Any) -> Optional[float]:
+def to_float(v: Any) -> Optional[float]:
+    """A CSV / YAML value as a float, None when it is not a number."""
     try:
         return float(v)
     except (TypeError, ValueError):
@@ -126,8 +126,6 @@ class RunFolder:
 
     ARGS, SUMMARY, LAST, BEST, BEST_SAFETENSORS = ARGS, SUMMARY, LAST, BEST, BEST_SAFETENSORS
     WEIGHTS, EMA_WEIGHTS = WEIGHTS, EMA_WEIGHTS
-    subnet_column = staticmethod(subnet_column)
-    parse_subnet_column = staticmethod(parse_subnet_column)
 
     def __init__(self, path: str):
         self.path = path
@@ -449,7 +447,7 @@ class RunFolder:
         if name in (BEST_SAFETENSORS, BEST):
             metric = str(eval_metric or 'top1')
             col = metric if metric in rows[0] else f'eval_{metric}'
-            scored = [(r, _float(r.get(col))) for r in rows if _float(r.get(col)) is not None]
+            scored = [(r, to_float(r.get(col))) for r in rows if to_float(r.get(col)) is not None]
             if scored:
                 pick = min if 'loss' in metric else max
                 return pick(scored, key=lambda t: t[1])[0], f'best epoch by {col}'
@@ -461,9 +459,9 @@ class RunFolder:
         out = []
         for key, value in (row or {}).items():
             parsed = parse_subnet_column(key)
-            if parsed is None or parsed[1] != 'top1' or _float(value) is None:
+            if parsed is None or parsed[1] != 'top1' or to_float(value) is None:
                 continue
-            out.append((parsed[0], _float(value), _float(row.get(subnet_column(parsed[0], 'top5')))))
+            out.append((parsed[0], to_float(value), to_float(row.get(subnet_column(parsed[0], 'top5')))))
         return out
 
     # ---- stim-analyze results -------------------------------------------------------------------

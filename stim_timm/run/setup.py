@@ -2,7 +2,7 @@
 loaders, the training loss. Every bad-input failure here is a ValueError with one line naming the
 model or folder, raised before the script writes anything."""
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn as nn

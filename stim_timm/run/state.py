@@ -20,13 +20,13 @@ import torch
 from timm.models import clean_state_dict
 from timm.utils import CheckpointSaver
 
-from .checkpoint import CheckpointError, atomic_torch_save, read_torch_checkpoint
+from .checkpoint import CheckpointError, atomic_torch_save
 from .folder import sha256_file
 from .io import atomic_write, one_line
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['capture_rng', 'restore_rng', 'StimCheckpointSaver', 'load_resume', 'apply_resume', 'apply_resume_ema']
+__all__ = ['capture_rng', 'restore_rng', 'StimCheckpointSaver', 'apply_resume', 'apply_resume_ema']
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -186,14 +186,6 @@ class StimCheckpointSaver(CheckpointSaver):
         self.prev_recovery_file, self.curr_recovery_file = self.curr_recovery_file, path
 
 
-def load_resume(path: str) -> Dict[str, Any]:
-    """Read a training checkpoint to resume from (weights_only); CheckpointError if it is not one."""
-    ckpt = read_torch_checkpoint(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), dict) or 'epoch' not in ckpt:
-        raise CheckpointError(f'{path}: not a training checkpoint (no state_dict / epoch to resume from)')
-    return ckpt
-
-
 @contextmanager
 def _matching(path: str, what: str) -> Iterator[None]:
     try:
@@ -204,7 +196,7 @@ def _matching(path: str, what: str) -> Iterator[None]:
 
 def apply_resume(ckpt: Dict[str, Any], path: str, task, optimizer=None, lr_scheduler=None,
                  loss_scaler=None) -> int:
-    """Load a checkpoint read by ``load_resume`` into the run; returns the epoch to start at.
+    """Load a training checkpoint (read and checked by the preflight) into the run; returns the epoch to start at.
 
     Mismatches (another model, other stages, another optimizer) are one-line CheckpointErrors.
     """
