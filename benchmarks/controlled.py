@@ -31,6 +31,7 @@ PER_CLASS = 200                       # training images per class (2,000 in all)
 HOLDOUT = 100                         # validation images per class, other training images
 EPOCHS = 60                           # pre-registered training length of every arm but compute_matched
 SEEDS = (10, 11, 12, 13, 14)          # new seeds: earlier results used 0-2
+MIN_SEEDS = 4                         # a conclusion needs at least this many seeds in every arm
 SELECT_SEED = 100                     # the drop-path selection runs' seed (not a protocol seed)
 DROP_PATH_RATES = (0.05, 0.1, 0.2)    # pre-registered candidates, chosen on validation top-1
 STPP_COST_RATIO = 1.5                 # compute_matched trains EPOCHS * this (from the --timing pass)
@@ -227,6 +228,11 @@ def report(runs: List[dict]) -> str:
              f'(compute_matched: {arm_epochs("compute_matched")}); top-1 % of the last checkpoint on the '
              '10,000 test images; validation: 1,000 other training images. Seeds '
              + ', '.join(map(str, SEEDS)) + '.', '']
+    seeds_per_arm = {arm: len(by_seed(main_runs, arm)) for arm in ARMS}
+    short = [f'{arm} ({n})' for arm, n in seeds_per_arm.items() if n < MIN_SEEDS]
+    if short:
+        lines += [f'**Partial: the protocol needs at least {MIN_SEEDS} seeds per arm; seeds finished so far: '
+                  + ', '.join(short) + '. No conclusion may be drawn from this table yet.**', '']
     select = sorted((r['drop_path'], r['val_top1']) for r in runs if r['arm'] == 'drop_path_select')
     if select:
         best = chosen_rate(runs)

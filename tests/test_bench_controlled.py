@@ -75,3 +75,11 @@ def test_report_tables_from_the_store():
     assert '| stpp - drop_path | n/a' in text
     assert '| stpp sub-network 1-1-1 - scratch 1-1-1 | -5.00, -4.00, -3.00 | -4.00 |' in text
     assert '| baseline | 3 | 60.00 ± 1.00 | 60.00 ± 1.00 |' in text
+
+
+def test_report_is_marked_partial_until_every_arm_has_four_seeds():
+    runs = [dict(name=f'{a}{s}', arm=a, seed=s, val_top1=1.0, test_top1=1.0, subnets={})
+            for a in c.ARMS for s in (10, 11, 12, 13)]
+    assert 'Partial' not in c.report(runs)
+    text = c.report(runs[:-1])  # the last arm has 3 seeds
+    assert f'seeds finished so far: {list(c.ARMS)[-1]} (3). No conclusion' in text
