@@ -61,7 +61,7 @@ def test_lighting_flag_goes_before_the_tensor_conversion(mini_data):
 
 
 def test_bad_train_crop_size_is_a_value_error(mini_data):
-    with pytest.raises(ValueError, match='--train-crop-size must be a positive side, got 0'):
+    with pytest.raises(ValueError, match=r'--train-crop-size must be in \[1, inf\], got 0'):
         setup_recipe(mini_data, '--train-crop-size', '0')
 
 
