@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cifar10 import REPO, SCHEDULE, count_images, prepare_data, summary_rows, train  # noqa: E402
+from cifar10 import REPO, count_images, prepare_data, summary_rows, train  # noqa: E402
 
 # -- the protocol (benchmarks/protocol.md; changing any of these is a new protocol) -----------------
 PER_CLASS = 200                       # training images per class (2,000 in all)
