@@ -22,7 +22,7 @@ from torch._dynamo.utils import counters
 
 from stim_timm import StimTask, make_stimulative
 from stim_timm.eval.bn import reestimate_bn
-from stim_timm.models.subnet import compiled_modules
+from stim_timm.models.compile import compiled_modules
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'compile_cycle.md')
 SIDES = (32, 24, 16, 20)

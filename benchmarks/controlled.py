@@ -117,7 +117,7 @@ def score_test(run_dir: str, data: str, arm: str) -> dict:
         return {'test_top1': top1, 'subnets': {arm[len('scratch_'):]: top1}}
     from stim_timm import SubnetSampler
     from stim_timm.run.analysis import analyze_checkpoints
-    from stim_timm.models.subnet import format_depths
+    from stim_timm.models.depths import format_depths
     full = (3, 3, 3)
     panel = [tuple(int(v) for v in d.split('-')) for d in SCRATCH]
     panel += [c for c in SubnetSampler(full, 'stpp').candidates() if c != full and c not in panel]

@@ -15,13 +15,13 @@ re-estimation, FLOPs, plot) <- ``run`` (run folder, checkpoints, training loop) 
 model cards, hub, conversion) <- ``cli`` (the commands).
 """
 from ._version import __version__
+from .method.bn import keep_bn_stats
 from .method.inputs import SmallInput
 from .method.losses import kl, kl_minus, normalize_logits, official_probs
 from .method.sampling import SubnetSampler
 from .method.task import StimTask
 from .models import (
     STIM_BASES, SUPPORTED_FAMILIES, CifarResNet, compile_stimulative, create_stimulative, format_depths,
-    get_stim_model, is_stim_model, keep_bn_stats, list_stim_models, make_stimulative, parse_depths,
-    resolve_stim_name,
+    get_stim_model, is_stim_model, list_stim_models, make_stimulative, parse_depths, resolve_stim_name,
 )
 from .publish.export import export_subnet

@@ -114,7 +114,7 @@ def test_stim_task_compile_cycle_stays_within_half_the_limit():
 
     from stim_timm import StimTask
     from stim_timm.eval.bn import reestimate_bn
-    from stim_timm.models.subnet import compiled_modules
+    from stim_timm.models.compile import compiled_modules
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from stim_timm import StimTask, SubnetSampler, kl, make_stimulative  # noqa: E402
+from stim_timm import StimTask, SubnetSampler, compile_stimulative, kl, make_stimulative  # noqa: E402
 from stim_timm.models import subnet  # noqa: E402
 from stim_timm.models.subnet import record_prefix, replay_prefix  # noqa: E402
 
@@ -187,7 +187,7 @@ def test_compiled_blocks_make_no_new_graph():
     counters.clear()
     model = make('resnet')
     eager = copy.deepcopy(model)
-    subnet.compile_stimulative(model, backend='eager')
+    compile_stimulative(model, backend='eager')
     x, y = data(16)
     for i in range(2):  # warm-up: recomputing and sharing steps
         for share in (False, True):

@@ -23,7 +23,7 @@ import yaml
 from ..eval.evaluate import _check_split
 from ..eval.plot import plot_loafing
 from ..method.sampling import parse_panel
-from ..models.subnet import format_depths
+from ..models.depths import format_depths
 from ..run.analysis import analyze_checkpoints
 from ..run.checkpoint import CheckpointError
 from ..run.io import OneLineParser, cli_int, file_error, one_line, writable_error

@@ -11,7 +11,8 @@ import yaml
 
 from ..eval.bn import reestimate_bn
 from ..eval.evaluate import eval_loader
-from ..models.subnet import format_depths, get_stim_model, parse_depths, validate_depths
+from ..models.depths import format_depths, parse_depths, validate_depths
+from ..models.subnet import get_stim_model
 from ..publish.card import write_card
 from ..publish.export import export_card, export_subnet, needs_plugin, plain_architecture, save_plain_model
 from ..publish.hub import HubError, upload_folder

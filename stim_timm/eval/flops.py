@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..models.depths import Depths
-from ..models.subnet import get_stim_model, validate_depths
+from ..models.depths import Depths, validate_depths
+from ..models.subnet import get_stim_model
 
 __all__ = ['FlopTable', 'flop_table', 'count_flops', 'subnet_flops', 'relative_flops', 'clear_flops_cache']
 

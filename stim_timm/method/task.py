@@ -43,10 +43,11 @@ import torch
 import torch.nn as nn
 from timm.task import ClassificationTask, TrainingTask
 
+from .bn import keep_bn_stats
 from .inputs import SmallInput
 from .losses import kl, kl_minus, normalize_logits
-from ..models.subnet import (compile_stimulative, get_stim_model, is_stim_model, keep_bn_stats, record_prefix,
-                             replay_prefix)
+from ..models.compile import compile_stimulative
+from ..models.subnet import get_stim_model, is_stim_model, record_prefix, replay_prefix
 from .sampling import SubnetSampler
 
 __all__ = ['StimTask', 'BackwardFn']

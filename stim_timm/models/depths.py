@@ -9,12 +9,13 @@ The syntax is exact, and anything else is refused (ValueError naming the text), 
   empty entry;
 - a sampling rule's max drops per stage (``--stim-rule 0,1,3,0``) follow the same syntax, 0 allowed.
 
-``format_depths`` writes ``3-4-6-3``; ``parse_depths(format_depths(d)) == d``.
+``format_depths`` writes ``3-4-6-3``; ``parse_depths(format_depths(d)) == d``. ``validate_depths``
+checks depths against a model's stage layout.
 """
 import re
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-__all__ = ['Depths', 'format_depths', 'parse_depths', 'parse_counts', 'parse_panel', 'DEPTHS_SYNTAX']
+__all__ = ['Depths', 'format_depths', 'parse_depths', 'parse_counts', 'parse_panel', 'validate_depths', 'DEPTHS_SYNTAX']
 
 Depths = Tuple[int, ...]  # blocks kept per stage, e.g. (3, 4, 6, 3)
 
@@ -49,3 +50,17 @@ def parse_panel(text: str) -> List[Tuple[int, ...]]:
     if not isinstance(text, str) or not text:
         raise ValueError(f"no sub-networks in {text!r}: give depths such as 3,3,3;1,1,1")
     return [parse_depths(part) for part in text.split(';')]
+
+
+def validate_depths(depths: Sequence[int], stage_depths: Sequence[int],
+                    min_depths: Optional[Sequence[int]] = None) -> Depths:
+    """Check a sub-network against the stage layout; errors name the stage and its limits."""
+    depths = tuple(int(d) for d in depths)
+    if len(depths) != len(stage_depths):
+        raise ValueError(f'sub-network {depths} has {len(depths)} stages, the model has '
+                         f'{len(stage_depths)} {tuple(stage_depths)}')
+    min_depths = tuple(min_depths) if min_depths is not None else (1,) * len(stage_depths)
+    for i, (d, n, lo) in enumerate(zip(depths, stage_depths, min_depths)):
+        if not lo <= d <= n:
+            raise ValueError(f'stage {i} keeps {d} blocks, it must keep between {lo} and {n}')
+    return depths

@@ -1,11 +1,11 @@
-"""The one sub-network mechanism: any residual timm model becomes stimulative in place.
+"""The switch: any residual timm model becomes stimulative in place (``make_stimulative``).
 
-``make_stimulative(model)`` finds the *stages* of a timm model (lists of residual blocks) and gives
-every droppable block a pass-through switch: a block outside the active sub-network returns its
-input unchanged and runs nothing. The model keeps its class, its modules and its ``state_dict``
-keys; everything that calls the blocks (``forward_features``, ``forward_intermediates``, timm's
-``checkpoint_seq``, feature wrappers) sees the selected sub-network because the switch sits in the
-block itself, not in the loop over blocks.
+``make_stimulative(model)`` takes the *stages* of a timm model (lists of residual blocks, found by
+``stim_timm.models.stages``) and gives every droppable block a pass-through switch: a block outside
+the active sub-network returns its input unchanged and runs nothing. The model keeps its class, its
+modules and its ``state_dict`` keys; everything that calls the blocks (``forward_features``,
+``forward_intermediates``, timm's ``checkpoint_seq``, feature wrappers) sees the selected sub-network
+because the switch sits in the block itself, not in the loop over blocks.
 
 A sub-network is given as *depths*, the blocks kept per stage: stage ``i`` runs its first
 ``depths[i]`` blocks (trailing blocks are dropped, as in the ST papers). A block may be dropped only
@@ -25,103 +25,26 @@ Where the selection lives (correct by construction):
 * DataParallel replicas (``torch.nn.parallel.replicate``) get their own switches, bound to the
   replica's blocks and fixed to the selection active where the replicas were made.
 
-For ``torch.compile`` use ``compile_stimulative(model)`` (``StimTask.compile`` does): it compiles
-every block and the other modules separately, each with a dynamo cache of its own, so switching
-sub-networks never recompiles and input sizes are dynamic from the start.
+``record_prefix`` / ``replay_prefix`` let sub-network passes reuse a full pass's block outputs up to
+their first dropped block. For ``torch.compile`` see ``stim_timm.models.compile``.
 """
 import contextvars
 import copy
 import functools
-import re
-import types
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .depths import Depths
+from .autograd_state import in_backward, in_checkpoint
+from .bn_stats import bn_stats_untouched
+from .depths import Depths, validate_depths
+from .stages import find_stages, min_depth
 
 __all__ = [
-    'make_stimulative', 'is_stim_model', 'get_stim_model', 'validate_depths', 'keep_bn_stats',
-    'compile_stimulative', 'find_stages', 'SUPPORTED_FAMILIES', 'record_prefix', 'replay_prefix', 'PrefixRecord',
+    'make_stimulative', 'is_stim_model', 'get_stim_model', 'record_prefix', 'replay_prefix', 'PrefixRecord',
 ]
-
-
-SUPPORTED_FAMILIES = ('ResNet/ResNeXt/WRN/ResNet-D (+ the CIFAR ResNets)', 'ResNetV2', 'ConvNeXt', 'RegNet',
-                      'EfficientNet/MobileNetV3', 'Swin', 'ViT/DeiT/DeiT-III/EVA')
-
-# Transformer blocks are residual by construction (x + f(x) around attention and MLP).
-_RESIDUAL_BLOCK_MODULES = ('timm.models.vision_transformer', 'timm.models.eva', 'timm.models.swin_transformer',
-                           'timm.models.deit')
-
-
-# -- finding the stages --------------------------------------------------------------------------
-def _numbered(model: nn.Module, pattern: str) -> List[Tuple[str, nn.Module]]:
-    """Children named like ``layer1, layer2 …`` (``pattern`` with one number group), in order."""
-    found = [(int(m.group(1)), n, c) for n, c in model.named_children() if (m := re.fullmatch(pattern, n))]
-    return [(n, c) for _, n, c in sorted(found)]
-
-
-def _stages_of(model: nn.Module) -> Optional[List[List[str]]]:
-    """Block names per stage for the timm layouts we know, relative to ``model``; None if unknown."""
-    def children(prefix: str, container: nn.Module) -> List[str]:
-        return [f'{prefix}.{n}' for n, _ in container.named_children()]
-
-    # ResNetV2, ConvNeXt (stages[i].blocks), Swin (layers[i].blocks), and feature wrappers that
-    # flattened them into stages_0, stages_1 …
-    for attr in ('stages', 'layers'):
-        seq = getattr(model, attr, None)
-        if isinstance(seq, (nn.Sequential, nn.ModuleList)) and len(seq) and \
-                all(isinstance(getattr(s, 'blocks', None), nn.Sequential) for s in seq):
-            return [children(f'{attr}.{i}.blocks', s.blocks) for i, s in enumerate(seq)]
-        flat = _numbered(model, attr + r'_(\d+)')
-        if flat and all(isinstance(getattr(s, 'blocks', None), nn.Sequential) for _, s in flat):
-            return [children(f'{n}.blocks', s.blocks) for n, s in flat]
-    # ResNet (layer1 … layerN), RegNet (s1 … s4): each stage is a container of blocks.
-    for pattern in (r'layer(\d+)', r's(\d+)'):
-        numbered = _numbered(model, pattern)
-        if numbered and all(len(list(c.children())) for _, c in numbered):
-            return [children(n, c) for n, c in numbered]
-    blocks = getattr(model, 'blocks', None)
-    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):
-        if all(isinstance(b, nn.Sequential) for b in blocks):  # EfficientNet / MobileNetV3 stages
-            return [children(f'blocks.{i}', s) for i, s in enumerate(blocks)]
-        return [children('blocks', blocks)]  # ViT / DeiT / EVA: one stage of blocks
-    inner = getattr(model, 'model', None)  # timm's FeatureGetterNet wraps the model
-    if isinstance(inner, nn.Module):
-        found = _stages_of(inner)
-        return None if found is None else [[f'model.{n}' for n in stage] for stage in found]
-    return None
-
-
-def find_stages(model: nn.Module) -> List[List[str]]:
-    """Qualified block names per stage of a timm model, or a ValueError naming the families we know."""
-    stages = _stages_of(model)
-    if not stages:
-        raise ValueError(f'cannot find residual stages in {type(model).__name__}; supported families: '
-                         f'{", ".join(SUPPORTED_FAMILIES)}; or pass stages= explicitly')
-    return stages
-
-
-def _keeps_shape(block: nn.Module) -> bool:
-    """Whether ``block`` has an identity shortcut, so passing its input through is well-formed."""
-    if hasattr(block, 'has_skip'):  # EfficientNet / MobileNetV3 blocks
-        return bool(block.has_skip)
-    for attr in ('downsample', 'shortcut'):  # ResNet, ResNetV2, RegNet / ConvNeXt
-        if hasattr(block, attr):
-            sc = getattr(block, attr)
-            return sc is None or isinstance(sc, nn.Identity)
-    return type(block).__module__ in _RESIDUAL_BLOCK_MODULES
-
-
-def _min_depth(blocks: Sequence[nn.Module]) -> int:
-    """Blocks a stage must keep: its first, and up to its last block that cannot be dropped."""
-    keep = 1
-    for i, block in enumerate(blocks):
-        if i and not _keeps_shape(block):
-            keep = i + 1
-    return keep
 
 
 # -- the selection ---------------------------------------------------------------------------------
@@ -168,26 +91,6 @@ def _storage(x):
         return None
 
 
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
-
-
-@contextmanager
-def _bn_stats_untouched(module: nn.Module) -> Iterator[None]:
-    """Restore the running statistics of ``module``'s training-mode BN layers on exit (exactly)."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-           and m.training and m.track_running_stats and m.running_mean is not None]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
-    try:
-        yield
-    finally:
-        with torch.no_grad():  # through .data: training-mode BN saved these buffers for a backward
-            for m, (mean, var, n) in zip(bns, saved):  # that never reads them; no version bump
-                m.running_mean.data.copy_(mean)
-                m.running_var.data.copy_(var)
-                m.num_batches_tracked.data.copy_(n)
-
-
 # -- the switch ------------------------------------------------------------------------------------
 def _class_forward(module: nn.Module, *args, **kwargs):
     return type(module).forward(module, *args, **kwargs)
@@ -202,13 +105,13 @@ def _switched_forward(block: nn.Module, x, *args, **kwargs):
     """A block's forward with the pass-through switch in front of its class's own (or compiled) forward."""
     board = block.stim_board
     storage = _storage(x)
-    tag = getattr(storage, _TAG, None) if storage is not None and _in_backward() else None
+    tag = getattr(storage, _TAG, None) if storage is not None and in_backward() else None
     if tag is not None and tag[0] is board:
         # gradient checkpointing recomputes this block: replay the selection of the first forward,
         # and leave BN running statistics as that forward left them (no second update)
         if _skips(block, tag[1]):
             return x
-        with _bn_stats_untouched(block):
+        with bn_stats_untouched(block):
             out = _run(block, x, *args, **kwargs)
         out_storage = _storage(out)
         if out_storage is not None:
@@ -216,7 +119,7 @@ def _switched_forward(block: nn.Module, x, *args, **kwargs):
         return out
     depths = board.active()
     record = _RECORD.get()
-    if record is not None and record.board is board and not _in_backward():
+    if record is not None and record.board is board and not in_backward():
         if record.replaying:
             # the full network itself as a "sub-network" (a uniform draw may be it) replays every block
             if block.stim_position < _first_dropped(depths or board.stage_depths, board.stage_depths):
@@ -249,21 +152,6 @@ def _first_dropped(depths: Depths, stage_depths: Depths) -> Tuple[int, int]:
     return len(depths), 0
 
 
-def _in_checkpoint() -> bool:
-    """Whether a block runs inside a gradient-checkpointed segment: reentrant checkpointing runs it
-    under no_grad (its output has no graph to branch from), non-reentrant under checkpoint's
-    saved-tensor hooks (its saved tensors are recomputed by replaying the segment)."""
-    if not torch.is_grad_enabled():
-        return True
-    try:
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    except (AttributeError, RuntimeError, TypeError):
-        return False
-    if not hooks:
-        return False
-    return getattr(hooks[0], '__module__', None) == 'torch.utils.checkpoint'  # its pack hook
-
-
 class PrefixRecord:
     """The block outputs of one full pass of one stimulative model (references, no copies).
 
@@ -283,8 +171,8 @@ class PrefixRecord:
         self._handed: Dict[int, torch.Tensor] = {}
 
     def keep(self, block: nn.Module, x, out) -> None:
-        if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor) or _in_checkpoint() \
-                or _in_backward():
+        if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor) or in_checkpoint() \
+                or in_backward():
             self.valid = False
             return
         self.outputs[id(block)] = (block, x.shape, out, out._version)
@@ -375,20 +263,6 @@ def _install_switch(block: nn.Module, board: _Board, position: Tuple[int, int]) 
     block.stim_board = board
     block.stim_position = position
     _bind(block, 'forward', _switched_forward)
-
-
-def validate_depths(depths: Sequence[int], stage_depths: Sequence[int],
-                    min_depths: Optional[Sequence[int]] = None) -> Depths:
-    """Check a sub-network against the stage layout; errors name the stage and its limits."""
-    depths = tuple(int(d) for d in depths)
-    if len(depths) != len(stage_depths):
-        raise ValueError(f'sub-network {depths} has {len(depths)} stages, the model has '
-                         f'{len(stage_depths)} {tuple(stage_depths)}')
-    min_depths = tuple(min_depths) if min_depths is not None else (1,) * len(stage_depths)
-    for i, (d, n, lo) in enumerate(zip(depths, stage_depths, min_depths)):
-        if not lo <= d <= n:
-            raise ValueError(f'stage {i} keeps {d} blocks, it must keep between {lo} and {n}')
-    return depths
 
 
 # -- what a stimulative model gains (bound to the instance by make_stimulative) ---------------
@@ -501,7 +375,7 @@ def make_stimulative(model: nn.Module, stages: Optional[Sequence[Sequence[str]]]
         blocks = [[model.get_submodule(n) for n in stage] for stage in names]
     except AttributeError as e:
         raise ValueError(f'stages name a block the model does not have: {e}') from None
-    min_depths = tuple(_min_depth(s) for s in blocks)
+    min_depths = tuple(min_depth(s) for s in blocks)
     if all(lo == len(s) for lo, s in zip(min_depths, blocks)):
         raise ValueError(f'{type(model).__name__} has no droppable residual block (each stage keeps only '
                          f'blocks with a downsample, projection or no skip)')
@@ -546,68 +420,3 @@ def get_stim_model(model: nn.Module) -> nn.Module:
         raise TypeError(f"{cfg.get('architecture') or type(inner).__name__} is not stimulative; "
                         f'call stim_timm.make_stimulative(model) first')
     return inner
-
-
-# -- torch.compile -------------------------------------------------------------------------------
-def _own_compiled_forward(name: str, **compile_kwargs) -> Callable:
-    """``torch.compile`` of a module's class forward through a function of its own.
-
-    Dynamo keeps its compiled variants per code object, with ``recompile_limit`` (8) of them unless
-    a guard pins one module instance; blocks of one class share ``forward``'s code and are not pinned
-    (nor are modules under ``module.compile()``, which all share ``nn.Module._call_impl``: measured, it
-    falls back to eager after 8 variants across blocks). A copy of the two-line trampoline with its own
-    name (plain ``CodeType.replace``) gives every module its own cache.
-    """
-    code = _class_forward.__code__.replace(co_name=f'stim_{name.replace(".", "_") or "model"}')
-    return torch.compile(types.FunctionType(code, _class_forward.__globals__, code.co_name), **compile_kwargs)
-
-
-def compiled_modules(model: nn.Module) -> Dict[str, Callable]:
-    """Name -> compiled function of every module ``compile_stimulative`` compiled (for counters)."""
-    stim = get_stim_model(model)
-    return {n: m.__dict__['stim_compiled'] for n, m in stim.named_modules() if 'stim_compiled' in m.__dict__}
-
-
-def compile_stimulative(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """``torch.compile`` a stimulative model in place, module by module, so no sub-network recompiles.
-
-    Every stage block, and every other module with parameters outside the stages (stem, downsample
-    layers, head), is compiled on its own; the Python loop over blocks and the pass-through switches
-    stay outside the graphs, so a new sub-network only chooses which compiled blocks run. Shapes are
-    dynamic from the first call (``dynamic=True`` unless given), so new input sizes do not recompile.
-    Returns the model (its class, keys and sub-network API unchanged). ``compile_kwargs`` are
-    ``torch.compile``'s. Calling it again leaves an already compiled model as it is.
-    """
-    stim = get_stim_model(model)
-    if compiled_modules(stim):
-        return model
-    compile_kwargs.setdefault('dynamic', True)
-    blocks = {n for stage in stim.stim_stages for n in stage}
-    ancestors = {''} | {n[:i] for n in blocks for i, c in enumerate(n) if c == '.'}  # containers of blocks
-    for name, module in stim.named_modules():
-        if name in blocks:
-            module.stim_compiled = _own_compiled_forward(name, **compile_kwargs)
-        elif name not in ancestors and name.rpartition('.')[0] in ancestors and \
-                any(True for _ in module.parameters()):
-            if 'forward' in module.__dict__:
-                continue  # an instance-level forward of someone else's: leave it eager
-            module.stim_compiled = _own_compiled_forward(name, **compile_kwargs)
-            _bind(module, 'forward', _run)
-    return model
-
-
-@contextmanager
-def keep_bn_stats(model: nn.Module) -> Iterator[None]:
-    """Normalise with batch statistics but leave BN running statistics as they were.
-
-    Sub-network passes must not drift the full network's running mean/var. The training-mode BN
-    layers run exactly as in a full pass (the same ops, so compiled graphs and checkpoint recompute
-    see nothing new); their running statistics are restored, bit for bit, on exit. Model-wide: a
-    full pass in another thread during the context would lose its update too.
-    """
-    with _bn_stats_untouched(model):
-        yield
-
-
-# Depth strings live in stim_timm.models.depths (exact syntax, anything else refused); re-exported here.
-from .depths import format_depths, parse_depths  # noqa: E402,F401

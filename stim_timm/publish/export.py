@@ -27,7 +27,8 @@ import torch.nn as nn
 from huggingface_hub import ModelCard
 from timm.models import PretrainedCfg, get_model_args, model_entrypoint, save_for_hf
 
-from ..models.subnet import format_depths, get_stim_model, validate_depths
+from ..models.depths import format_depths, validate_depths
+from ..models.subnet import get_stim_model
 from ..run.folder import RunFolder
 from ..run.io import default_mode
 from .card import build_card

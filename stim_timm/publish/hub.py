@@ -25,7 +25,7 @@ from .._version import __version__
 from ..eval.flops import subnet_flops
 from ..eval.plot import plot_loafing
 from ..method.presets import describe_stim
-from ..models.subnet import format_depths, validate_depths
+from ..models.depths import format_depths, validate_depths
 from ..run.checkpoint import CheckpointError, TrainedWeights, load_trained_model, run_data_config
 from ..run.folder import RunFolder, to_float
 from ..run.io import one_line

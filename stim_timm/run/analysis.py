@@ -14,7 +14,8 @@ from ..eval.bn import bn_layers
 from ..eval.evaluate import eval_loader, evaluate
 from ..eval.flops import subnet_flops
 from ..method.sampling import SubnetSampler
-from ..models.subnet import get_stim_model, validate_depths
+from ..models.depths import validate_depths
+from ..models.subnet import get_stim_model
 from .checkpoint import load_trained_model, run_data_config, run_train_transform
 
 __all__ = ['analyze_checkpoints']

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from ..models.subnet import format_depths, parse_depths
+from ..models.depths import format_depths, parse_depths
 from .io import TEMP_PREFIX, atomic_write, atomic_write_text, one_line
 
 __all__ = ['RunFolder', 'RUN_FILES', 'TEMP_FILES', 'CHECKPOINT_FILES', 'CheckpointError', 'run_files',
