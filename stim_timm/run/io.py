@@ -15,7 +15,7 @@ import argparse
 import os
 import re
 import tempfile
-from typing import Any, Callable, Collection, NoReturn, Optional
+from typing import Any, Callable, Collection, List, NoReturn, Optional
 
 __all__ = ['TEMP_PREFIX', 'atomic_write', 'atomic_write_text', 'default_mode', 'one_line', 'cli_int', 'cli_float',
            'OneLineParser', 'file_error', 'writable_error']
@@ -114,21 +114,39 @@ class OneLineParser(argparse.ArgumentParser):
 
     No abbreviated flags (``--lr-b`` is not ``--lr-base``), and no empty string value (nor list item)
     unless the flag's ``dest`` is in ``empty_ok`` (those documenting what ``''`` means).
-    ``prefix``: what precedes ``error:`` (default ``'<prog>: '``).
+    ``prefix``: what precedes ``error:`` (default ``'<prog>: '``). ``declared``: the actions
+    ``add_argument`` returned, on the parser and on its argument groups, in order.
     """
 
     def __init__(self, *args, prefix: Optional[str] = None, empty_ok: Collection[str] = (), **kwargs):
+        self.declared: List[argparse.Action] = []  # before argparse adds -h
         kwargs.setdefault('allow_abbrev', False)
         super().__init__(*args, **kwargs)
         self.prefix = f'{self.prog}: ' if prefix is None else prefix
         self.empty_ok = set(empty_ok)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.declared.append(action)
+        return action
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+
+        def add_argument(*a, **kw) -> argparse.Action:
+            action = add(*a, **kw)
+            self.declared.append(action)
+            return action
+        group.add_argument = add_argument
+        return group
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f'{self.prefix}error: {one_line(message)}\n')
 
     def check_empty(self, namespace: argparse.Namespace) -> None:
         """Refuse an empty string where the flag does not document one (values from defaults too)."""
-        for action in self._actions:
+        for action in self.declared:
             if action.dest in self.empty_ok or action.type not in (None, str) or action.nargs == 0 or \
                     not hasattr(namespace, action.dest):
                 continue
