@@ -174,3 +174,34 @@ def test_stim_start_epoch_defaults_to_the_papers_0():
         args, _ = parse_args(['data', *flags])
         assert start_epoch(vars(args)) == first, flags
     assert start_epoch({}) == 0 and start_epoch({'warmup_epochs': 3}) == 0  # a run whose flags were not saved
+
+
+def test_interpolations_are_the_names_timm_acts_on():
+    """--interpolation / --train-interpolation choices: each a mode of timm's public name mapping."""
+    from timm.data import str_to_interp_mode
+    from stim_timm.cli.train_args import INTERPOLATIONS
+    for name in INTERPOLATIONS:
+        str_to_interp_mode(name)
+    with pytest.raises(KeyError):
+        str_to_interp_mode('sharpest')
+
+
+@pytest.mark.parametrize('text, inside, outside', [
+    ('[0, 1]', (0, 0.5, 1), (-0.1, 1.1, float('nan'), float('inf'))),
+    ('(0, inf]', (1e-9, 1e9), (0, -1, float('inf'))),
+    ('[1, inf]', (1, 7), (0, -3)),
+    ('[0, 1)', (0, 0.99), (1, 2)),
+])
+def test_interval(text, inside, outside):
+    from stim_timm.cli.train_args import Interval
+    interval = Interval(text)
+    assert str(interval) == text
+    assert all(x in interval for x in inside) and not any(x in interval for x in outside)
+
+
+def test_every_rule_names_a_flag():
+    """A ``needs`` names a declared flag, a ``within`` is on a number flag."""
+    from stim_timm.cli.train_args import FLAGS, GROUPS
+    assert len(FLAGS) == sum(len(g.flags) for g in GROUPS)  # no dest declared twice
+    assert all(f.needs in FLAGS for f in FLAGS.values() if f.needs)
+    assert all(f.type in (int, float) for f in FLAGS.values() if f.within)

@@ -22,7 +22,6 @@ import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import constants, get_token
-from timm.data import dataset_factory
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.layers import convert_splitbn_model, use_reentrant_ckpt
@@ -36,7 +35,7 @@ from ..run.checkpoint import CheckpointError, read_torch_checkpoint
 from ..run.folder import RunFolder
 from ..run.io import file_error, one_line, writable_error
 from ..method import presets
-from .train_args import stim_enabled, stim_options
+from .train_args import FLAGS, Flag, stim_enabled, stim_options
 
 __all__ = ['BadInput', 'Preflight', 'preflight', 'one_line', 'check_values', 'check_model', 'check_data',
            'check_checkpoints', 'check_output', 'check_services', 'check_hub']
@@ -62,73 +61,22 @@ def _need(cond: bool, message: str) -> None:
         raise BadInput(message)
 
 
-def _range(args, dest: str, lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
-           hi_open: bool = False) -> None:
-    v = getattr(args, dest)
-    values = v if isinstance(v, (list, tuple)) else [v]
-    for x in values:
-        if x is None:
-            continue
-        bad = not math.isfinite(x) or (lo is not None and (x <= lo if lo_open else x < lo)) or \
-            (hi is not None and (x >= hi if hi_open else x > hi))
-        if bad:
-            left = '(' if lo_open else '['
-            right = ')' if hi_open else ']'
-            low, high = ('-inf' if lo is None else f'{lo:g}'), ('inf' if hi is None else f'{hi:g}')
-            interval = f'{left}{low}, {high}{right}'
-            raise BadInput(f'{presets.flag_name(dest)} must be in {interval}, got {v}')
+def _check_within(args, flag: Flag) -> None:
+    v = getattr(args, flag.dest)
+    if any(x is not None and x not in flag.within for x in (v if isinstance(v, (list, tuple)) else [v])):
+        raise BadInput(f'{presets.flag_name(flag.dest)} must be in {flag.within}, got {v}')
 
 
-INTS_AT_LEAST = dict(epochs=1, batch_size=1, validation_batch_size=1, workers=0, grad_accum_steps=1,
-                     log_interval=1, val_interval=1, recovery_interval=0, checkpoint_hist=1, tta=0,
-                     stim_eval_subnets=0, stim_start_epoch=0, stim_ramp_epochs=0, warmup_epochs=0, cooldown_epochs=0,
-                     train_batches_per_epoch=1, img_size=1, num_classes=1, in_chans=1, input_size=1,
-                     train_img_sizes=1, train_batch_sizes=1, train_num_samples=1, val_num_samples=1,
-                     mixup_off_epoch=0, start_epoch=0, kd_student_feature_dim=1, kd_teacher_feature_dim=1,
-                     lr_base_size=1, lr_cycle_limit=1, recount=1, patience_epochs=0, decay_milestones=0, seed=0,
-                     local_rank=0, stim_bn_images=0, stim_eval_every=0, train_crop_size=1)
-# number flags -> (low, high, low open, high open); None: unbounded. timm would run on with the others
-# silently changed (--lr 0: the batch-size rule's value, --crop-pct 0: 1.0) or fail after an epoch (--std 0).
-RANGES = dict(
-    lr=(0, None, True, False), lr_base=(0, None, True, False), warmup_lr=(0, None, False, False),
-    min_lr=(0, None, False, False), weight_decay=(0, None, False, False), momentum=(0, None, False, False),
-    epoch_repeats=(0, None, False, False), aug_repeats=(0, None, False, False), crop_pct=(0, None, True, False),
-    std=(0, None, True, False), clip_grad=(0, None, True, False), opt_eps=(0, None, True, False),
-    lr_cycle_mul=(0, None, True, False), lr_cycle_decay=(0, None, True, False), decay_epochs=(0, None, True, False),
-    decay_rate=(0, None, True, False), color_jitter=(0, None, False, False), lighting=(0, None, False, False),
-    mixup=(0, None, False, False), cutmix=(0, None, False, False), bn_eps=(0, None, True, False),
-    bn_momentum=(0, 1, False, False), model_ema_decay=(0, 1, True, False), kd_temperature=(0, None, True, False),
-    smoothing=(0, 1, False, True), stim_temp=(0, None, True, False), stim_amplitude=(0, None, True, False),
-    stim_weight=(0, None, False, False), stim_small_input=(0, 1, True, False), stim_subnets=(0, None, False, False),
-    train_size_probs=(0, None, False, False))
 # timm's dataset prefixes (timm.data.create_dataset); any other --dataset would silently be an image folder
 DATASET_PREFIXES = ('torch', 'hfds', 'hfids', 'tfds', 'wds')
-PROBABILITIES = ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'color_jitter_prob',
-                 'grayscale_prob', 'gaussian_blur_prob', 'train_size_random_mix', 'drop', 'drop_path',
-                 'drop_connect', 'drop_block')
-# flag -> the flag it needs (set at a non-default value it would otherwise be silently ignored)
-NEEDS = {
-    'wandb_project': 'log_wandb', 'wandb_tags': 'log_wandb', 'wandb_resume_id': 'log_wandb',
-    'hub_private': 'push_to_hub', 'hub_revision': 'push_to_hub', 'no_resume_opt': 'resume',
-    'model_ema_force_cpu': 'model_ema', 'model_ema_warmup': 'model_ema', 'model_ema_decay': 'model_ema',
-    'kd_distill_type': 'kd_model_name', 'kd_loss_type': 'kd_model_name', 'distill_loss_weight': 'kd_model_name',
-    'task_loss_weight': 'kd_model_name', 'kd_temperature': 'kd_model_name',
-    'kd_student_feature_dim': 'kd_model_name', 'kd_teacher_feature_dim': 'kd_model_name',
-    'kd_token_distill_type': 'kd_model_name', 'kd_pretrained_path': 'kd_model_name', 'train_batch_sizes': 'train_img_sizes',
-    'train_size_probs': 'train_img_sizes', 'train_size_schedule': 'train_img_sizes',
-    'train_size_schedule_spread': 'train_img_sizes', 'train_size_random_mix': 'train_img_sizes',
-    'train_batches_per_epoch': 'train_img_sizes',  # timm's loader reads it only with scheduled sizes
-}
 
 
 def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
-    """Counts, ranges and flag conflicts: impossible values are refused before any work."""
-    for dest, lo in INTS_AT_LEAST.items():
-        _range(args, dest, lo)
-    for dest in PROBABILITIES:
-        _range(args, dest, 0, 1)
-    for dest, (lo, hi, lo_open, hi_open) in RANGES.items():
-        _range(args, dest, lo, hi, lo_open, hi_open)
+    """Counts, ranges and flag conflicts: impossible values are refused before any work. Each flag's
+    interval and the flag it needs are declared with it (``train_args.GROUPS``)."""
+    for flag in FLAGS.values():
+        if flag.within is not None:
+            _check_within(args, flag)
     prefix, sep, rest = args.dataset.partition('/')
     _need(args.dataset in ('', 'folder') or (sep and prefix.lower() in DATASET_PREFIXES and rest),
           f"--dataset {args.dataset!r}: give '' (an image folder) or <{'|'.join(DATASET_PREFIXES)}>/<name>")
@@ -139,15 +87,12 @@ def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
         v = getattr(args, dest)
         _need(len(v) == 2 and 0 < v[0] <= v[1] and all(map(math.isfinite, v)),
               f'{presets.flag_name(dest)} must be two numbers 0 < low <= high, got {v}')
-    _need(args.fuser in ('', 'te', 'old', 'legacy', 'nvfuser', 'nvf'),
-          f"--fuser must be te, old or nvfuser, got '{args.fuser}'")
-    _need(args.eval_metric in ('top1', 'top5', 'loss'),
-          f"--eval-metric must be top1, top5 or loss, got '{args.eval_metric}'")
     _need(args.aug_splits != 1 and args.aug_splits >= 0,
           f'--aug-splits must be 0 (off) or at least 2 (clean + augmented views), got {args.aug_splits}')
-    for dest, needed in NEEDS.items():
-        if getattr(args, dest) != defaults[dest] and not getattr(args, needed):
-            raise BadInput(f'{presets.flag_name(dest)} needs {presets.flag_name(needed)} (without it the flag would be ignored)')
+    for dest, flag in FLAGS.items():
+        if flag.needs and getattr(args, dest) != defaults[dest] and not getattr(args, flag.needs):
+            raise BadInput(f'{presets.flag_name(dest)} needs {presets.flag_name(flag.needs)} '
+                           f'(without it the flag would be ignored)')
     _need(not args.jsd_loss or args.aug_splits > 1, '--jsd-loss needs --aug-splits 2 or more')
     _need(not args.split_bn or args.aug_splits > 1 or args.resplit,
           '--split-bn needs --aug-splits 2 or more (or --resplit)')
@@ -394,9 +339,20 @@ def _has_image(folder: str) -> bool:
     return False
 
 
+# Split names timm's image-folder datasets treat as one (create_dataset's ``search_split``)
+_SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+
+
 def _split_folder(root: str, split: str) -> str:
-    """The folder timm's ``create_dataset`` reads for ``split`` (``root`` itself when none matches)."""
-    return dataset_factory._search_split(root, split)
+    """The folder timm's ``create_dataset`` reads for ``split``: ``root/<split>`` (the name before any
+    ``[...]`` slice), else the first existing ``root/<synonym>`` of a train or validation name, else
+    ``root`` itself."""
+    name = split.split('[', 1)[0]
+    synonyms = next((group for group in _SPLIT_SYNONYMS if name in group), ())
+    for candidate in (name, *synonyms):
+        if os.path.exists(os.path.join(root, candidate)):
+            return os.path.join(root, candidate)
+    return root
 
 
 def check_data(args) -> None:
