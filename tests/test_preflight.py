@@ -84,7 +84,7 @@ CASES: Dict[str, Tuple[Callable[[Path], List[str]], str]] = {
     'impossible_rule': (lambda t: ['--stim', '--stim-rule', '0,5,0'],
                         '--stim-rule for stim_resnet20_cifar (3, 3, 3): sampling rule: stage 1 may drop at most 2'),
     'bad_model_kwargs': (lambda t: ['--model-kwargs', 'foo=1'], 'stim_resnet20_cifar cannot be created with'),
-    'missing_data': (lambda t: ['--data-dir', str(t / 'nowhere')], f'data dir '),
+    'missing_data': (lambda t: ['--data-dir', str(t / 'nowhere')], 'data dir '),
     'missing_val_split': (lambda t: ['--val-split', 'holdout'], "--val-split holdout: "),
     'unwritable_output': (lambda t: ['--output', '/proc/stim-out'], 'output folder /proc/stim-out: /proc is not writable'),
     'existing_run': (_run_folder, 'output folder '),
@@ -176,3 +176,17 @@ def test_reentrant_grad_checkpointing_on_eva_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(pf, 'use_reentrant_ckpt', lambda: False)
     args, _ = parse_args(argv)
     preflight(args, builtin_defaults())  # non-reentrant (timm's default): fine
+
+
+@pytest.mark.parametrize('folders', [('train', 'validation'), ('train', 'val', 'test'), ('training', 'valid'),
+                                     ('train', 'eval', 'evaluation'), ('train',), ('test',)])
+def test_split_folder_is_the_one_timm_reads(folders, tmp_path):
+    """preflight's split-folder naming agrees with the folder timm's create_dataset reads for each split."""
+    from PIL import Image
+    from timm.data import create_dataset
+    for folder in folders:
+        (tmp_path / folder / 'cat').mkdir(parents=True)
+        Image.new('RGB', (2, 2)).save(tmp_path / folder / 'cat' / 'a.png')
+    for split in ('train', 'training', 'val', 'validation', 'test', 'holdout', 'train[:50%]'):
+        read = create_dataset('', root=str(tmp_path), split=split).reader.root
+        assert pf._split_folder(str(tmp_path), split) == read, (folders, split)
