@@ -18,15 +18,12 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
 from ..eval.evaluate import _check_split
 from ..eval.plot import plot_loafing
 from ..method.sampling import parse_panel
 from ..models.depths import format_depths
 from ..run.analysis import analyze_checkpoints
-from ..run.checkpoint import CheckpointError
-from ..run.io import OneLineParser, cli_int, file_error, one_line, writable_error
+from ..run.io import OneLineParser, cli_int, exit_code, file_error, one_line, writable_error
 
 __all__ = ['write_results', 'main', 'check_sources', 'check_split', 'check_out']
 
@@ -103,6 +100,26 @@ def _check_args(args) -> Optional[List[Tuple[int, ...]]]:
     return panel
 
 
+def _analyze(args) -> None:
+    panel = _check_args(args)
+    rows = analyze_checkpoints(
+        args.checkpoints, args.data_dir, args.split, args.subnets, panel, args.model, args.num_classes,
+        args.labels, args.recalibrate_bn, args.train_split, args.batch_size, args.workers, args.max_images,
+        args.seed, progress=not args.no_progress)
+    models = sorted({r['model'] for r in rows})
+    meta = dict(data_dir=os.path.abspath(args.data_dir), split=args.split, images=rows[0]['images'],
+                seed=args.seed, recalibrate_bn=args.recalibrate_bn, models=models,
+                checkpoints={r['checkpoint']: r['path'] for r in rows})
+    title = args.title or f"{', '.join(models)} on {os.path.basename(os.path.abspath(args.data_dir))}/" \
+                          f"{args.split} ({rows[0]['images']} images)"
+    paths = write_results(rows, args.out, meta, title)
+    for r in rows:
+        print(f"{r['checkpoint']:<24s}  {format_depths(r['depths']):>14s}  blocks {r['blocks_kept']:3d}  "
+              f"FLOPs {r['rel_flops']:.3f}  top-1 {r['top1']:6.2f}  top-5 {r['top5']:6.2f}"
+              + ('  (full)' if r['is_full'] else ''))
+    print('wrote ' + ', '.join(paths))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = OneLineParser(
         prog='stim-analyze', prefix='',
@@ -128,28 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--title', default=None, help='plot title (default: model, data and split)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar on stderr')
     args = parser.parse_args(argv)
-    try:
-        panel = _check_args(args)
-        rows = analyze_checkpoints(
-            args.checkpoints, args.data_dir, args.split, args.subnets, panel, args.model, args.num_classes,
-            args.labels, args.recalibrate_bn, args.train_split, args.batch_size, args.workers, args.max_images,
-            args.seed, progress=not args.no_progress)
-        models = sorted({r['model'] for r in rows})
-        meta = dict(data_dir=os.path.abspath(args.data_dir), split=args.split, images=rows[0]['images'],
-                    seed=args.seed, recalibrate_bn=args.recalibrate_bn, models=models,
-                    checkpoints={r['checkpoint']: r['path'] for r in rows})
-        title = args.title or f"{', '.join(models)} on {os.path.basename(os.path.abspath(args.data_dir))}/" \
-                              f"{args.split} ({rows[0]['images']} images)"
-        paths = write_results(rows, args.out, meta, title)
-    except (CheckpointError, ValueError, OSError, yaml.YAMLError) as e:  # ValueError: UnicodeDecodeError too
-        print(f'error: {one_line(e)}', file=sys.stderr)
-        return 2
-    for r in rows:
-        print(f"{r['checkpoint']:<24s}  {format_depths(r['depths']):>14s}  blocks {r['blocks_kept']:3d}  "
-              f"FLOPs {r['rel_flops']:.3f}  top-1 {r['top1']:6.2f}  top-5 {r['top5']:6.2f}"
-              + ('  (full)' if r['is_full'] else ''))
-    print('wrote ' + ', '.join(paths))
-    return 0
+    return exit_code(lambda: _analyze(args))
 
 
 if __name__ == '__main__':

@@ -7,7 +7,6 @@ import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch.nn as nn
-import yaml
 
 from ..eval.bn import reestimate_bn
 from ..eval.evaluate import eval_loader
@@ -15,9 +14,9 @@ from ..models.depths import format_depths, parse_depths, validate_depths
 from ..models.subnet import get_stim_model
 from ..publish.card import write_card
 from ..publish.export import export_card, export_subnet, needs_plugin, plain_architecture, save_plain_model
-from ..publish.hub import HubError, upload_folder
-from ..run.checkpoint import CheckpointError, load_trained_model, run_data_config, run_train_transform
-from ..run.io import OneLineParser, cli_int, one_line
+from ..publish.hub import upload_folder
+from ..run.checkpoint import load_trained_model, run_data_config, run_train_transform
+from ..run.io import OneLineParser, cli_int, exit_code
 from .analyze import check_out, check_sources, check_split
 from .preflight import check_hub
 
@@ -62,6 +61,27 @@ def _check_args(args, parser) -> Tuple[int, ...]:
     return depths
 
 
+def _export(args, parser) -> None:
+    depths = _check_args(args, parser)
+    model, weights = load_trained_model(args.checkpoint, args.model, args.num_classes)
+    model.eval()
+    if args.data_dir and args.bn_batches > 0:
+        seen = _reestimate_subnet_bn(model, depths, args, run_data_config(model, weights.args), weights.args)
+        print(f're-estimated the BN statistics of sub-network {list(depths)} on {seen} training images')
+    plain = export_subnet(model, depths)
+    os.makedirs(args.out, exist_ok=True)
+    save_plain_model(plain, args.out, run_data_config(model, weights.args))
+    arch = plain_architecture(model)
+    params = sum(p.numel() for p in plain.parameters())
+    write_card(export_card(arch, depths, model.stage_depths, args.checkpoint, params, needs_plugin(model),
+                           args.push_to_hub), args.out)
+    print(f'exported {arch} sub-network {list(depths)} ({params / 1e6:.2f}M parameters) to {args.out}')
+    if args.push_to_hub:
+        url = upload_folder(args.out, args.push_to_hub, private=args.hub_private, revision=args.hub_revision,
+                            commit_message=f'Add {arch} sub-network {format_depths(depths)}')
+        print(f'pushed to {url}')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = OneLineParser(
         prog='stim-export', prefix='',
@@ -82,29 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='training batches for the BN re-estimation with --data-dir (default 2; 0: off)')
     parser.add_argument('-b', '--batch-size', type=cli_int, default=128, help='batch size of the BN re-estimation')
     args = parser.parse_args(argv)
-    try:
-        depths = _check_args(args, parser)
-        model, weights = load_trained_model(args.checkpoint, args.model, args.num_classes)
-        model.eval()
-        if args.data_dir and args.bn_batches > 0:
-            seen = _reestimate_subnet_bn(model, depths, args, run_data_config(model, weights.args), weights.args)
-            print(f're-estimated the BN statistics of sub-network {list(depths)} on {seen} training images')
-        plain = export_subnet(model, depths)
-        os.makedirs(args.out, exist_ok=True)
-        save_plain_model(plain, args.out, run_data_config(model, weights.args))
-        arch = plain_architecture(model)
-        params = sum(p.numel() for p in plain.parameters())
-        write_card(export_card(arch, depths, model.stage_depths, args.checkpoint, params, needs_plugin(model),
-                               args.push_to_hub), args.out)
-        print(f'exported {arch} sub-network {list(depths)} ({params / 1e6:.2f}M parameters) to {args.out}')
-        if args.push_to_hub:
-            url = upload_folder(args.out, args.push_to_hub, private=args.hub_private, revision=args.hub_revision,
-                                commit_message=f'Add {arch} sub-network {format_depths(depths)}')
-            print(f'pushed to {url}')
-    except (CheckpointError, HubError, ValueError, OSError, yaml.YAMLError) as e:  # ValueError: UnicodeDecodeError too
-        print(f'error: {one_line(e)}', file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: _export(args, parser))
 
 
 if __name__ == '__main__':

@@ -7,15 +7,26 @@ import os
 import sys
 from typing import Optional, Sequence
 
-import yaml
-
-from ..publish.hub import HubError, build_hub_folder, push_checkpoint, validate_hub_repo_id
-from ..run.checkpoint import CheckpointError
-from ..run.io import OneLineParser, one_line
+from ..publish.hub import build_hub_folder, push_checkpoint, validate_hub_repo_id
+from ..run.io import OneLineParser, exit_code
 from .analyze import check_out, check_sources
 from .preflight import check_hub
 
 __all__ = ['main']
+
+
+def _run(args) -> None:
+    check_sources([args.checkpoint])  # every value before the checkpoint is read or a file written
+    if args.command == 'push':
+        check_hub(args.repo_id, 'REPO_ID', offline=False)
+        url = push_checkpoint(args.checkpoint, args.repo_id, args.private, args.revision, args.commit_message)
+        print(f'pushed {args.checkpoint} to {url}')
+    else:
+        if args.repo_id is not None:
+            validate_hub_repo_id(args.repo_id)
+        check_out(args.out_dir, 'OUT_DIR')
+        out = build_hub_folder(args.checkpoint, args.out_dir, args.repo_id)
+        print(f'wrote {", ".join(sorted(os.listdir(out)))} to {out}')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -33,22 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     build.add_argument('out_dir')
     build.add_argument('--repo-id', default=None, help='repo id used in the card usage lines')
     args = parser.parse_args(argv)
-    try:  # every value before the checkpoint is read or a file written
-        check_sources([args.checkpoint])
-        if args.command == 'push':
-            check_hub(args.repo_id, 'REPO_ID', offline=False)
-            url = push_checkpoint(args.checkpoint, args.repo_id, args.private, args.revision, args.commit_message)
-            print(f'pushed {args.checkpoint} to {url}')
-        else:
-            if args.repo_id is not None:
-                validate_hub_repo_id(args.repo_id)
-            check_out(args.out_dir, 'OUT_DIR')
-            out = build_hub_folder(args.checkpoint, args.out_dir, args.repo_id)
-            print(f'wrote {", ".join(sorted(os.listdir(out)))} to {out}')
-    except (HubError, CheckpointError, OSError, ValueError, yaml.YAMLError) as e:  # ValueError: UnicodeDecodeError too
-        print(f'error: {one_line(e)}', file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: _run(args))
 
 
 if __name__ == '__main__':

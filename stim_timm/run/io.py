@@ -5,7 +5,8 @@ The command lines' values follow one rule, *refuse, never reinterpret*: ``OneLin
 parse error as one line (exit 2, no usage screen), takes no abbreviated flag, and refuses an empty
 string unless the flag documents one; ``cli_int`` / ``cli_float`` accept exactly decimal ASCII numbers
 (no ``' 3'``, ``'+3'``, ``'03'``, ``'３'``, ``'1_0'``, ``'nan'`` or ``'inf'``). ``file_error`` and
-``writable_error`` say in a few words why a path cannot be read or written, before any work.
+``writable_error`` say in a few words why a path cannot be read or written, before any work;
+``exit_code`` runs a command's work and turns refused input into one ``error:`` line and exit code 2.
 
 ``atomic_write`` writes a temp file in the destination's folder, fsyncs it and ``os.replace``s it over
 the destination: a kill at any moment leaves the previous file or the new one, never a part. The final
@@ -14,11 +15,14 @@ file gets the permissions a plain ``open()`` would give it (temp files are creat
 import argparse
 import os
 import re
+import sys
 import tempfile
 from typing import Any, Callable, Collection, List, NoReturn, Optional
 
+import yaml
+
 __all__ = ['TEMP_PREFIX', 'atomic_write', 'atomic_write_text', 'default_mode', 'one_line', 'cli_int', 'cli_float',
-           'OneLineParser', 'file_error', 'writable_error']
+           'OneLineParser', 'exit_code', 'file_error', 'writable_error']
 
 # Temp files of ``atomic_write`` start with this (a run folder's cleaning removes the ones a kill left).
 TEMP_PREFIX = '.tmp-'
@@ -160,6 +164,18 @@ class OneLineParser(argparse.ArgumentParser):
         namespace, extras = super().parse_known_args(args, namespace)
         self.check_empty(namespace)
         return namespace, extras
+
+
+def exit_code(work: Callable[[], Any]) -> int:
+    """A command's exit status: 0 when ``work()`` returns; 2 with one ``error: <message>`` line on stderr
+    when it refuses bad input: a ValueError (the package's own errors are ValueErrors, a
+    UnicodeDecodeError is one), an OSError or a YAML error. Anything else is a bug and keeps its traceback."""
+    try:
+        work()
+    except (ValueError, OSError, yaml.YAMLError) as e:
+        print(f'error: {one_line(e)}', file=sys.stderr)
+        return 2
+    return 0
 
 
 # ---- paths ------------------------------------------------------------------------------------------
