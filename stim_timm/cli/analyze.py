@@ -18,14 +18,14 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..eval.evaluate import _check_split
 from ..eval.plot import plot_loafing
 from ..method.sampling import parse_panel
 from ..models.depths import format_depths
 from ..run.analysis import analyze_checkpoints
-from ..run.io import OneLineParser, cli_int, exit_code, file_error, one_line, writable_error
+from ..run.io import OneLineParser, cli_int, exit_code
+from .checks import check_at_least, check_folder, check_out, check_sources, check_split
 
-__all__ = ['write_results', 'main', 'check_sources', 'check_split', 'check_out']
+__all__ = ['write_results', 'main']
 
 CSV_FIELDS = ('checkpoint', 'model', 'depths', 'blocks_kept', 'total_blocks', 'rel_flops', 'gflops', 'top1', 'top5',
               'is_full', 'images', 'bn', 'path')
@@ -51,48 +51,16 @@ def write_results(rows: Sequence[Dict[str, Any]], out_dir: str, meta: Optional[D
 
 # ------------------------------------------------------------------------------------------------- CLI
 
-def check_sources(paths: Sequence[str]) -> None:
-    """Every checkpoint argument is a folder or a readable file (ValueError: one line)."""
-    for p in paths:
-        why = None if os.path.isdir(p) else ('no such file or folder' if not os.path.lexists(p) else file_error(p))
-        if why:
-            raise ValueError(f'{p}: {why}')
-
-
-def check_split(data_dir: str, split: str, flag: str) -> None:
-    """``split`` is readable as the evaluation will read it (``eval.evaluate``'s check, done up front)."""
-    try:
-        _check_split(data_dir, split)
-    except ValueError as e:
-        raise ValueError(f'{flag} {split}: {one_line(e)}') from None
-
-
-def check_out(out: str, flag: str = '--out') -> None:
-    """The output folder can be created and written (checked before any work)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f'{flag} {out}: is a file, not a folder')
-    why = writable_error(out)
-    if why:
-        raise ValueError(f'{flag} {out}: {why}')
-
-
 def _check_args(args) -> Optional[List[Tuple[int, ...]]]:
     """Every value, before any checkpoint or image is read; the parsed --depths-list."""
-    for flag, value, low in (('--subnets', args.subnets, 0), ('--recalibrate-bn', args.recalibrate_bn, 0),
-                             ('--batch-size', args.batch_size, 1), ('--workers', args.workers, 0),
-                             ('--max-images', args.max_images, 1), ('--num-classes', args.num_classes, 1),
-                             ('--seed', args.seed, 0)):
-        if value is not None and value < low:
-            raise ValueError(f'{flag} must be {low} or more, got {value}')
+    check_at_least(args, subnets=0, recalibrate_bn=0, batch_size=1, workers=0, max_images=1, num_classes=1, seed=0)
     if args.labels is not None and len(args.labels) != len(args.checkpoints):
         raise ValueError(f'--labels: {len(args.labels)} labels for {len(args.checkpoints)} checkpoints')
     if args.labels is not None and len(set(args.labels)) != len(args.labels):
         raise ValueError(f'--labels: a label is given twice ({", ".join(args.labels)})')
     panel = parse_panel(args.depths_list) if args.depths_list is not None else None
     check_sources(args.checkpoints)
-    if not os.path.isdir(args.data_dir):
-        raise ValueError(f'--data-dir {args.data_dir}: ' + ('is a file, not a folder' if os.path.exists(args.data_dir)
-                                                           else 'no such folder'))
+    check_folder(args.data_dir, '--data-dir')
     check_split(args.data_dir, args.split, '--split')
     if args.recalibrate_bn > 0:
         check_split(args.data_dir, args.train_split, '--train-split')

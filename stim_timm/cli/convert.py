@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 from ..models.official import STAGE_DEPTHS
 from ..publish.convert import convert
 from ..run.io import OneLineParser, exit_code, file_error
-from .analyze import check_out
+from .checks import check_out
 from .preflight import check_hub
 
 __all__ = ['main']

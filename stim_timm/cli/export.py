@@ -17,7 +17,7 @@ from ..publish.export import export_card, export_subnet, needs_plugin, plain_arc
 from ..publish.hub import upload_folder
 from ..run.checkpoint import load_trained_model, run_data_config, run_train_transform
 from ..run.io import OneLineParser, cli_int, exit_code
-from .analyze import check_out, check_sources, check_split
+from .checks import check_at_least, check_folder, check_needs, check_out, check_sources, check_split
 from .preflight import check_hub
 
 __all__ = ['main']
@@ -27,8 +27,6 @@ def _reestimate_subnet_bn(model: nn.Module, depths: Tuple[int, ...], args, data_
                           run_args: Optional[Dict[str, Any]] = None) -> int:
     """The loaded model's BN statistics become sub-network ``depths``' own (training images and
     transforms, ``stim_timm.eval.bn``); the checkpoint on disk is not touched."""
-    if args.batch_size < 1:
-        raise ValueError('--batch-size must be >= 1')
     validate_depths(depths, get_stim_model(model).stage_depths)
     loader = eval_loader(args.data_dir, args.train_split, data_config, args.batch_size, 0, shuffle=True,
                           training=True, train_transform=run_train_transform(run_args, data_config))
@@ -36,23 +34,18 @@ def _reestimate_subnet_bn(model: nn.Module, depths: Tuple[int, ...], args, data_
     return reestimate_bn(model, batches, depths)
 
 
+# flag -> the flag without which it would be ignored
+_NEEDS = dict(hub_private='push_to_hub', hub_revision='push_to_hub', train_split='data_dir', bn_batches='data_dir')
+
+
 def _check_args(args, parser) -> Tuple[int, ...]:
     """Every value, before the checkpoint is read or a file written; the parsed --depths."""
     depths = parse_depths(args.depths)
-    for flag, value, low in (('--bn-batches', args.bn_batches, 0), ('--batch-size', args.batch_size, 1),
-                             ('--num-classes', args.num_classes, 1)):
-        if value is not None and value < low:
-            raise ValueError(f'{flag} must be {low} or more, got {value}')
-    for dest, needed in (('hub_private', 'push_to_hub'), ('hub_revision', 'push_to_hub'),
-                         ('train_split', 'data_dir'), ('bn_batches', 'data_dir')):
-        if getattr(args, dest) != parser.get_default(dest) and not getattr(args, needed):
-            raise ValueError(f"--{dest.replace('_', '-')} needs --{needed.replace('_', '-')} (without it the flag "
-                             f"would be ignored)")
+    check_at_least(args, bn_batches=0, batch_size=1, num_classes=1)
+    check_needs(args, {dest: parser.get_default(dest) for dest in _NEEDS}, _NEEDS)
     check_sources([args.checkpoint])
     if args.data_dir is not None:
-        if not os.path.isdir(args.data_dir):
-            raise ValueError(f'--data-dir {args.data_dir}: ' + (
-                'is a file, not a folder' if os.path.exists(args.data_dir) else 'no such folder'))
+        check_folder(args.data_dir, '--data-dir')
         if args.bn_batches > 0:
             check_split(args.data_dir, args.train_split, '--train-split')
     check_out(args.out)

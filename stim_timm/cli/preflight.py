@@ -35,14 +35,11 @@ from ..run.checkpoint import CheckpointError, read_torch_checkpoint
 from ..run.folder import RunFolder
 from ..run.io import file_error, one_line, writable_error
 from ..method import presets
+from .checks import BadInput, check_needs
 from .train_args import FLAGS, Flag, stim_enabled, stim_options
 
 __all__ = ['BadInput', 'Preflight', 'preflight', 'one_line', 'check_values', 'check_model', 'check_data',
            'check_checkpoints', 'check_output', 'check_services', 'check_hub']
-
-
-class BadInput(ValueError):
-    """Bad input found before any work: one line, exit code 2."""
 
 
 @dataclass
@@ -89,10 +86,7 @@ def check_values(args: argparse.Namespace, defaults: Dict[str, Any]) -> None:
               f'{presets.flag_name(dest)} must be two numbers 0 < low <= high, got {v}')
     _need(args.aug_splits != 1 and args.aug_splits >= 0,
           f'--aug-splits must be 0 (off) or at least 2 (clean + augmented views), got {args.aug_splits}')
-    for dest, flag in FLAGS.items():
-        if flag.needs and getattr(args, dest) != defaults[dest] and not getattr(args, flag.needs):
-            raise BadInput(f'{presets.flag_name(dest)} needs {presets.flag_name(flag.needs)} '
-                           f'(without it the flag would be ignored)')
+    check_needs(args, defaults, {dest: flag.needs for dest, flag in FLAGS.items() if flag.needs})
     _need(not args.jsd_loss or args.aug_splits > 1, '--jsd-loss needs --aug-splits 2 or more')
     _need(not args.split_bn or args.aug_splits > 1 or args.resplit,
           '--split-bn needs --aug-splits 2 or more (or --resplit)')

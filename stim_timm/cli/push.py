@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from ..publish.hub import build_hub_folder, push_checkpoint, validate_hub_repo_id
 from ..run.io import OneLineParser, exit_code
-from .analyze import check_out, check_sources
+from .checks import check_out, check_sources
 from .preflight import check_hub
 
 __all__ = ['main']
