@@ -80,12 +80,17 @@ def test_stim_option_errors(flags, message):
         stim_options(args)
 
 
+def parse_error(argv, capsys):
+    """The stderr lines of a command line the parser refuses (exit code 2)."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err.splitlines()
+
+
 def test_parse_errors_are_one_line(capsys):
     for argv in (['--stim-small-input', 'abc'], ['--no-such-flag'], ['--torchscript']):
-        with pytest.raises(SystemExit) as e:
-            parse_args(argv)
-        assert e.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        err = parse_error(argv, capsys)
         assert len(err) == 1 and err[0].startswith('train_stim.py: error: ')
 
 
@@ -111,10 +116,8 @@ def test_parse_errors_are_one_line(capsys):
 ])
 def test_yaml_is_as_strict_as_the_command_line(tmp_path, capsys, text, message):
     (tmp_path / 'c.yaml').write_text(text + '\n')
-    with pytest.raises(SystemExit) as e:
-        parse_args(['-c', str(tmp_path / 'c.yaml'), 'data'])
-    assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [f'train_stim.py: error: config {tmp_path / "c.yaml"}: {message}']
+    err = parse_error(['-c', str(tmp_path / 'c.yaml'), 'data'], capsys)
+    assert err == [f'train_stim.py: error: config {tmp_path / "c.yaml"}: {message}']
 
 
 @pytest.mark.parametrize('content, message', [
@@ -125,10 +128,7 @@ def test_yaml_is_as_strict_as_the_command_line(tmp_path, capsys, text, message):
 def test_unreadable_yaml_is_one_line(tmp_path, capsys, content, message):
     path = tmp_path / 'c.yaml'
     path.mkdir() if content is None else path.write_bytes(content)
-    with pytest.raises(SystemExit) as e:
-        parse_args(['-c', str(path), 'data'])
-    assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [f'train_stim.py: error: config {path}: {message}']
+    assert parse_error(['-c', str(path), 'data'], capsys) == [f'train_stim.py: error: config {path}: {message}']
 
 
 def test_yaml_accepts_what_the_command_line_would(tmp_path):

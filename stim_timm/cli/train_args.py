@@ -87,26 +87,8 @@ class Flag:
         if kwargs.get('action') == 'store_true':
             kwargs.setdefault('default', False)
         self.kwargs = kwargs
-
-    @property
-    def default(self) -> Any:
-        return self.kwargs.get('default')
-
-    @property
-    def type(self) -> Any:
-        return self.kwargs.get('type')
-
-    @property
-    def nargs(self) -> Any:
-        return self.kwargs.get('nargs')
-
-    @property
-    def choices(self) -> Optional[Sequence[Any]]:
-        return self.kwargs.get('choices')
-
-    @property
-    def action(self) -> Any:
-        return self.kwargs.get('action')
+        self.default, self.type, self.nargs, self.choices, self.action = (
+            kwargs.get(k) for k in ('default', 'type', 'nargs', 'choices', 'action'))
 
     def add_to(self, container) -> argparse.Action:
         """The flag added to a parser or an argument group (a fresh copy of its default: no run shares it)."""
