@@ -1,24 +1,35 @@
-"""End-to-end tests of train_stim.py on the bundled CIFAR-10 images (CPU, seconds per run)."""
+"""End-to-end tests of train_stim.py on the bundled CIFAR-10 images (CPU, about a second per run).
+
+The command runs in this test process (``main(argv)`` through ``clirun``), as a fresh
+``python train_stim.py`` would but without its ~5 s of ``import torch, timm``; two tests need real
+processes: the killed run (forked from this process, then SIGKILLed) and the torchrun DDP ranks.
+"""
+import contextlib
 import csv
+import logging
+import multiprocessing
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import pytest
 import torch
 import yaml
 
+import clirun
+from stim_timm.cli import train as train_cli
 from stim_timm.run.checkpoint import read_torch_checkpoint, resolve_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / 'train_stim.py')
 MINI = REPO / 'data' / 'cifar10-mini'
-ENV = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
+ENV = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')  # the torchrun ranks'
+RUN_ENV = {'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}  # an in-process run's
 FAST = ['--model', 'stim_resnet20_cifar', '--val-split', 'test', '-j', '0', '--log-interval', '2',
         '--warmup-epochs', '0', '--lr', '0.05']
 
@@ -41,12 +52,38 @@ def small_data(tmp_path_factory) -> Path:
     return _subset(tmp_path_factory.mktemp('data'), {'train': 8, 'test': 4})
 
 
-def train(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
-    return proc
+def _warning_to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def as_a_fresh_process():
+    """What the old ``python train_stim.py`` subprocess (OMP_NUM_THREADS=1) had and this test process
+    lacks: one intra-op thread; Python's default warning filters, a warning printed on stderr (a stray
+    warning is a second stderr line, as it was); and it leaves no logging handler or level behind."""
+    threads, root = torch.get_num_threads(), logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.resetwarnings()  # then the interpreter's defaults (no -W, no PYTHONWARNINGS)
+            for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning, DeprecationWarning):
+                warnings.simplefilter('ignore', category)
+            warnings.filterwarnings('default', category=DeprecationWarning, module='__main__')
+            warnings.showwarning = _warning_to_stderr
+            yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+
+
+def train(args: Sequence, check: bool = True, env: Optional[dict] = None,
+          cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``train_stim.py args`` in this process: exit code, stdout and stderr as a subprocess gives them."""
+    with as_a_fresh_process():
+        return clirun.run('train', args, check=check, env={**RUN_ENV, **(env or {})}, cwd=cwd)
 
 
 def summary(folder: Path) -> List[dict]:
@@ -127,6 +164,18 @@ def test_base_name_resolves_and_stim_starts_at_the_start_epoch(small_data, tmp_p
 
 
 # ---- resume -------------------------------------------------------------------------------------
+def _train_silently(args: Sequence) -> None:
+    """A forked child's run, its output dropped (the test's captured streams are the parent's)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    sys.stdout = sys.stderr = open(os.devnull, 'w')
+    os.environ.update(RUN_ENV)
+    os.chdir(REPO)
+    torch.set_num_threads(1)
+    train_cli.main([str(a) for a in args])
+
+
 def test_resume_after_kill_matches_uninterrupted_run(small_data, tmp_path):
     """Killed (-9) during epoch 1, resumed from last.pth.tar: same weights, EMA and summary as a run
     that never stopped (data order, augmentation, sub-networks, small inputs, LR and EMA restored)."""
@@ -135,13 +184,15 @@ def test_resume_after_kill_matches_uninterrupted_run(small_data, tmp_path):
     train([*common, '--experiment', 'straight'])
 
     killed = tmp_path / 'killed'
-    proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, common), '--experiment', 'killed'], cwd=REPO,
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / 'last.pth.tar').exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with as_a_fresh_process():  # a real process (forked: no interpreter start), killed -9 with no cleanup
+        proc = multiprocessing.get_context('fork').Process(target=_train_silently,
+                                                           args=([*common, '--experiment', 'killed'],))
+        proc.start()
+        deadline = time.time() + 240
+        while not (killed / 'last.pth.tar').exists() and proc.is_alive() and time.time() < deadline:
+            time.sleep(0.01)
+        proc.kill()
+        proc.join()
     assert read_torch_checkpoint(str(killed / 'last.pth.tar'))['epoch'] == 0, 'killed too late'
 
     train([*common, '--experiment', 'killed', '--resume', killed / 'last.pth.tar'])
@@ -167,11 +218,17 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     common = [data, '--model', 'stim_resnet18', '--model-kwargs', 'norm_layer=groupnorm1', '--img-size', '32',
               '--num-classes', '8', '--no-aug', '--val-split', '', '-j', '0', '--lr', '0.1', '--warmup-epochs',
               '0', '--epochs', '3', '--stim-pp', '--stim-subnets', '2', '--output', tmp_path]
-    ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                          SCRIPT, *map(str, common), '-b', '8', '--experiment', 'two'],
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    train([*common, '-b', '16', '--experiment', 'one'])
+    ddp = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                            SCRIPT, *map(str, common), '-b', '8', '--experiment', 'two'],
+                           cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # the one-process run in this process while the ranks start
+        train([*common, '-b', '16', '--experiment', 'one'])
+        _, err = ddp.communicate(timeout=300)
+    finally:
+        if ddp.poll() is None:
+            ddp.kill()
+            ddp.communicate()
+    assert ddp.returncode == 0, err[-3000:]
     one, two = (read_torch_checkpoint(str(tmp_path / n / 'last.pth.tar')) for n in ('one', 'two'))
     first = weights(tmp_path / 'one' / 'checkpoint-0.pth.tar')
     assert one['task_state'] == two['task_state'] and one['task_state']['step'] == 3
