@@ -1,6 +1,7 @@
 """train_stim.py features beyond the basic run: experiment tracking, --val-interval, recovery
 checkpoints, augmentation splits / JSD / split BN, the image-size schedule, exact resume with data-loader
-workers, run-folder protection, non-finite losses. CPU, tiny data, seconds per run."""
+workers, run-folder protection, non-finite losses. CPU, tiny data, seconds per run; each run in this
+process (``test_train_cli.train``: as a fresh process, without its interpreter start)."""
 import csv
 import glob
 import json
@@ -18,10 +19,9 @@ from stim_timm.run.checkpoint import read_torch_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'tests'))
-from test_train_cli import FAST, SCRIPT, _subset  # noqa: E402
+from test_train_cli import FAST, _subset, as_a_fresh_process, train  # noqa: E402
 
-ENV = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', WANDB_MODE='offline',
-           WANDB_SILENT='true')
+ENV = {'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'}
 
 
 @pytest.fixture(scope='module')
@@ -30,8 +30,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def run(args: Sequence, cwd: Path = REPO, code: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    """``train_stim.py args`` in this process (``test_train_cli.train``); asserts the exit code."""
+    proc = train(args, check=False, env=ENV, cwd=cwd)
     assert proc.returncode == code, proc.stderr[-3000:] + proc.stdout[-2000:]
     return proc
 
@@ -185,7 +185,7 @@ def test_type_error_from_our_code_keeps_its_traceback(monkeypatch, data, tmp_pat
     def broken(*args):
         raise TypeError('bug')
     monkeypatch.setattr(train_stim, 'setup', broken)
-    with pytest.raises(TypeError, match='bug'):
+    with as_a_fresh_process(), pytest.raises(TypeError, match='bug'):
         train_stim.main([str(data), *FAST, '--output', str(tmp_path), '--experiment', 'x'])
 
 
