@@ -55,10 +55,6 @@ __all__ = ['StimTask', 'BackwardFn']
 _logger = logging.getLogger(__name__)
 
 BackwardFn = Callable[[torch.Tensor], None]
-# Prefix sharing measured inexact there (Swin: the shared step's loss and logits differ from the
-# recomputed one's; cause not found): recompute. Every other family is tested exact
-# (tests/test_share_prefix.py::test_every_family_shares_exactly).
-_NO_SHARING_MODULES = ('timm.models.swin_transformer',)
 _STALE_STEP_CALLS = 64  # training forwards at one step before we warn that nobody advances it
 
 
@@ -242,7 +238,7 @@ class StimTask(TrainingTask):
         stepwise = backward_fn is not None
         # DDP syncs the backward of the passes whose forward ran outside no_sync(): the one backward
         # of the whole graph by default, the returned last term's with backward_fn.
-        share = self.shares_prefix and not self._checkpointing(stim) and not self._unshareable(stim)
+        share = self.shares_prefix and not self._checkpointing(stim)
         with self.no_sync() if stepwise else nullcontext(), \
                 record_prefix(stim) if share else nullcontext() as record:
             result = self.inner(input, target)
@@ -293,12 +289,6 @@ class StimTask(TrainingTask):
         """timm's gradient checkpointing switched on anywhere in the model (then the step recomputes;
         the switch also detects checkpointed segments while recording, this is the second guard)."""
         return any(getattr(m, 'grad_checkpointing', False) is True for m in stim.modules())
-
-    @staticmethod
-    def _unshareable(stim: nn.Module) -> bool:
-        """A model with a stage block of a family where sharing was measured inexact (Swin): it recomputes."""
-        return any(type(stim.get_submodule(name)).__module__ in _NO_SHARING_MODULES
-                   for stage in stim.stim_stages for name in stage)
 
     def _backward_factor(self, backward_fn: BackwardFn, device: torch.device) -> torch.Tensor:
         """The factor ``backward_fn`` puts on a term's gradients (fp16 loss scale / accumulation steps):
