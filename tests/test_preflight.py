@@ -181,12 +181,19 @@ def test_reentrant_grad_checkpointing_on_eva_is_refused(tmp_path, monkeypatch):
 @pytest.mark.parametrize('folders', [('train', 'validation'), ('train', 'val', 'test'), ('training', 'valid'),
                                      ('train', 'eval', 'evaluation'), ('train',), ('test',)])
 def test_split_folder_is_the_one_timm_reads(folders, tmp_path):
-    """preflight's split-folder naming agrees with the folder timm's create_dataset reads for each split."""
+    """The split-folder naming (preflight's, the evaluation's) agrees with the folder timm's create_dataset
+    reads for each split; the evaluation refuses the root itself when it holds split folders."""
     from PIL import Image
     from timm.data import create_dataset
+    from stim_timm.eval.evaluate import check_split_folder, split_folder
     for folder in folders:
         (tmp_path / folder / 'cat').mkdir(parents=True)
         Image.new('RGB', (2, 2)).save(tmp_path / folder / 'cat' / 'a.png')
     for split in ('train', 'training', 'val', 'validation', 'test', 'holdout', 'train[:50%]'):
         read = create_dataset('', root=str(tmp_path), split=split).reader.root
-        assert pf._split_folder(str(tmp_path), split) == read, (folders, split)
+        assert split_folder(str(tmp_path), split) == read, (folders, split)
+        if read == str(tmp_path):
+            with pytest.raises(ValueError, match=f"no '{split.split('[')[0]}' split folder"):
+                check_split_folder(str(tmp_path), split)
+        else:
+            assert check_split_folder(str(tmp_path), split) == read

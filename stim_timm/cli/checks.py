@@ -4,7 +4,7 @@ import argparse
 import os
 from typing import Any, Mapping, Sequence
 
-from ..eval.evaluate import _check_split
+from ..eval.evaluate import check_split_folder
 from ..method.presets import flag_name
 from ..run.io import file_error, one_line, writable_error
 
@@ -48,7 +48,7 @@ def check_sources(paths: Sequence[str]) -> None:
 def check_split(data_dir: str, split: str, flag: str) -> None:
     """``split`` is readable as the evaluation will read it (``eval.evaluate``'s check, done up front)."""
     try:
-        _check_split(data_dir, split)
+        check_split_folder(data_dir, split)
     except ValueError as e:
         raise BadInput(f'{flag} {split}: {one_line(e)}') from None
 

@@ -21,16 +21,17 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import timm
 import torch
 import torch.nn as nn
-from huggingface_hub import constants, get_token
+from huggingface_hub import constants
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.layers import convert_splitbn_model, use_reentrant_ckpt
 from timm.models import clean_state_dict, load_state_dict
 
+from ..eval.evaluate import split_folder
 from ..method.inputs import SmallInput
 from ..method.sampling import rule_max_drops
 from ..models import check_model_name, is_stim_model, make_stimulative
-from ..publish.hub import HubError, validate_hub_repo_id
+from ..publish.hub import HubError, hub_token, validate_hub_repo_id
 from ..run.checkpoint import CheckpointError, read_torch_checkpoint
 from ..run.folder import RunFolder
 from ..run.io import file_error, one_line, writable_error
@@ -333,22 +334,6 @@ def _has_image(folder: str) -> bool:
     return False
 
 
-# Split names timm's image-folder datasets treat as one (create_dataset's ``search_split``)
-_SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
-
-
-def _split_folder(root: str, split: str) -> str:
-    """The folder timm's ``create_dataset`` reads for ``split``: ``root/<split>`` (the name before any
-    ``[...]`` slice), else the first existing ``root/<synonym>`` of a train or validation name, else
-    ``root`` itself."""
-    name = split.split('[', 1)[0]
-    synonyms = next((group for group in _SPLIT_SYNONYMS if name in group), ())
-    for candidate in (name, *synonyms):
-        if os.path.exists(os.path.join(root, candidate)):
-            return os.path.join(root, candidate)
-    return root
-
-
 def check_data(args) -> None:
     """The data folder and its splits, as timm will resolve them (image folders only)."""
     if not args.data_dir and not args.dataset:
@@ -362,11 +347,11 @@ def check_data(args) -> None:
         return
     if not os.path.isdir(root):
         raise BadInput(f'data dir {root}: no such directory')
-    val = _split_folder(root, args.val_split) if args.val_split else None
+    val = split_folder(root, args.val_split) if args.val_split else None
     if val is not None and os.path.samefile(val, root):
         raise BadInput(f"--val-split {args.val_split}: {root} has no '{args.val_split}' folder, and timm would "
                        f"validate on {root} itself (the training images); give --val-split '' for no validation")
-    train = _split_folder(root, args.train_split)
+    train = split_folder(root, args.train_split)
     if val is not None and os.path.samefile(train, root):
         raise BadInput(f"--train-split {args.train_split}: {root} has no '{args.train_split}' folder, and timm "
                        f"would train on {root} itself, the '{args.val_split}' images included")
@@ -454,11 +439,9 @@ def check_hub(repo_id: str, flag: str, what: str = 'the push', offline: bool = T
     if offline and constants.HF_HUB_OFFLINE:
         raise BadInput(f'{flag}: HF_HUB_OFFLINE is set, {what} would fail')
     try:
-        token = get_token()
-    except Exception as e:  # e.g. a failed OIDC token exchange; the message never holds the token
-        raise BadInput(f'{flag}: cannot get a Hugging Face token ({type(e).__name__})') from None
-    if not token:
-        raise BadInput(f'{flag}: no Hugging Face token found: set HF_TOKEN or run `hf auth login`')
+        hub_token()
+    except HubError as e:
+        raise BadInput(f'{flag}: {one_line(e)}') from None
 
 
 def preflight(args: argparse.Namespace, defaults: Dict[str, Any]) -> Preflight:

@@ -24,8 +24,7 @@ from ..models.subnet import get_stim_model, is_stim_model
 from .bn import bn_layers, bn_state, load_bn_state, reestimate_bn
 from .classes import split_class_map
 
-__all__ = ['eval_loader', 'evaluate']
-
+__all__ = ['eval_loader', 'evaluate', 'split_folder', 'check_split_folder']
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -44,9 +43,9 @@ def eval_loader(data_dir: str, split: str, data_config: Dict[str, Any], batch_si
     """
     if not os.path.isdir(data_dir):
         raise ValueError(f'{data_dir}: no such data folder')
-    _check_split(data_dir, split)
+    folder = check_split_folder(data_dir, split)
     try:
-        class_map = split_class_map(os.path.join(data_dir, split), classes)
+        class_map = split_class_map(folder, classes)
         dataset = create_dataset('', root=data_dir, split=split, is_training=False, class_map=class_map)
     except ValueError:
         raise
@@ -68,18 +67,33 @@ def eval_loader(data_dir: str, split: str, data_config: Dict[str, Any], batch_si
                       drop_last=False)
 
 
-_SPLIT_NAMES = {'train', 'training', 'val', 'valid', 'validation', 'test', 'eval', 'evaluation'}
+# Split names timm's image-folder datasets treat as one (create_dataset's split search), and 'test'
+_SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+_SPLIT_NAMES = {'test', *(name for group in _SPLIT_SYNONYMS for name in group)}
 
 
-def _check_split(data_dir: str, split: str) -> None:
-    """A missing split folder must not silently turn the split folders into classes."""
-    name = split.split('[')[0]
-    if os.path.isdir(os.path.join(data_dir, name)):
-        return
-    found = sorted(d for d in os.listdir(data_dir)
-                   if d.lower() in _SPLIT_NAMES and os.path.isdir(os.path.join(data_dir, d)))
-    if found:
-        raise ValueError(f"{data_dir}: no '{name}' split folder (found: {', '.join(found)})")
+def split_folder(root: str, split: str) -> str:
+    """The folder timm's ``create_dataset`` reads for ``split``: ``root/<split>`` (the name before any
+    ``[...]`` slice), else the first existing ``root/<synonym>`` of a train or validation name, else
+    ``root`` itself."""
+    name = split.split('[', 1)[0]
+    synonyms = next((group for group in _SPLIT_SYNONYMS if name in group), ())
+    for candidate in (name, *synonyms):
+        if os.path.exists(os.path.join(root, candidate)):
+            return os.path.join(root, candidate)
+    return root
+
+
+def check_split_folder(root: str, split: str) -> str:
+    """``split_folder``, refused (ValueError) when that is ``root`` itself while ``root`` holds split
+    folders: a missing split must not silently turn the split folders into classes."""
+    folder = split_folder(root, split)
+    if folder == root:
+        found = sorted(d for d in os.listdir(root)
+                       if d.lower() in _SPLIT_NAMES and os.path.isdir(os.path.join(root, d)))
+        if found:
+            raise ValueError(f"{root}: no '{split.split('[', 1)[0]}' split folder (found: {', '.join(found)})")
+    return folder
 
 
 class _Progress:

@@ -32,7 +32,8 @@ from ..run.io import one_line
 from .card import Top1, build_card, retarget_card, write_card
 from .export import export_subnet, needs_plugin, plain_architecture, save_plain_model
 
-__all__ = ['HubError', 'build_hub_folder', 'push_checkpoint', 'upload_folder', 'validate_hub_repo_id', 'retarget_card']
+__all__ = ['HubError', 'build_hub_folder', 'push_checkpoint', 'upload_folder', 'validate_hub_repo_id', 'hub_token',
+           'retarget_card']
 
 
 class HubError(ValueError):
@@ -53,7 +54,9 @@ def validate_hub_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def _hub_token() -> str:
+def hub_token() -> str:
+    """The Hugging Face token from huggingface_hub's usual sources (``HF_TOKEN``, the login cache);
+    HubError when there is none or it cannot be got. Never printed."""
     try:
         token = get_token()
     except Exception as e:  # e.g. a failed OIDC exchange when HF_OIDC_RESOURCE is set
@@ -71,7 +74,7 @@ def upload_folder(folder: str, repo_id: str, private: bool = False, revision: Op
     before the upload, so files naming the repo can be fixed.
     """
     validate_hub_repo_id(repo_id)
-    token = _hub_token()
+    token = hub_token()
     api = HfApi(token=token, library_name='stim-timm', library_version=__version__)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
@@ -229,7 +232,7 @@ def push_checkpoint(checkpoint: str, repo_id: str, private: bool = False, revisi
     by ``build_hub_folder`` and uploaded. Raises HubError (one line) on any failure.
     """
     validate_hub_repo_id(repo_id)
-    _hub_token()
+    hub_token()
     with tempfile.TemporaryDirectory(prefix='stim-hub-') as tmp:
         build_hub_folder(checkpoint, tmp, repo_id=repo_id)
 
