@@ -4,7 +4,8 @@ the stimulative-training flags.
 Each flag is declared once, as one ``Flag`` in ``GROUPS``: its names, type, default, choices and help
 (what the parser is built from), the interval its values must lie in (``within``) and the flag without
 which it would be ignored (``needs``), both checked by ``stim_timm.cli.preflight.check_values`` before
-any data is read, or why it cannot work here (``refused``).
+any data is read, or why it cannot work here (``refused``). The flags ``stim_timm.method.presets``
+resolves (the stim flags, ``--seed``) take their defaults from there (``presets.DEFAULTS``).
 
 A ``-c/--config`` YAML sets defaults and the command line wins, as in timm, so a timm user's command
 line and YAML keep working. Every flag of timm's train.py parses (tests/data/timm_train_flags.txt);
@@ -119,6 +120,11 @@ class _Kwargs(ParseKwargs):
             if not sep or not key.isidentifier() or '=' in value or not value:
                 parser.error(f'argument {option_string}: expected KEY=VALUE pairs (KEY a Python name), got {kv!r}')
         super().__call__(parser, namespace, values, option_string)
+
+
+def _resolved(name: str, **kwargs: Any) -> Flag:
+    """A flag that ``stim_timm.method.presets`` resolves: its default is declared there (``presets.DEFAULTS``)."""
+    return Flag(name, default=presets.DEFAULTS[name[2:].replace('-', '_')], **kwargs)
 
 
 # Why the timm train.py flags that cannot work here are refused.
@@ -301,7 +307,7 @@ GROUPS: Tuple[Group, ...] = (
                   'within 10%% of the training cost'),
     )),
     Group('Miscellaneous', None, (
-        Flag('--seed', type=int, default=42, within='[0, inf]',
+        _resolved('--seed', type=int, within='[0, inf]',
              help='seeds data order, augmentation and sub-network draws'),
         Flag('--worker-seeding', default='all', choices=('all', 'part')),
         Flag('--log-interval', type=int, default=50, within='[1, inf]', metavar='N'),
@@ -374,26 +380,26 @@ GROUPS: Tuple[Group, ...] = (
           'Adds a KL loss between the full network and sampled sub-networks (shallower: trailing blocks of each '
           'stage dropped); the trained model keeps its architecture. What it gains, with its intervals: '
           'docs/benchmarks.md.', (
-        Flag('--stim', action='store_true', help='ST: KL between full and sampled sub-networks'),
-        Flag('--stim-kl-minus', action='store_true', help="the stpp preset's KL- loss (implies --stim)"),
-        Flag('--stim-pp', action='store_true',
+        _resolved('--stim', action='store_true', help='ST: KL between full and sampled sub-networks'),
+        _resolved('--stim-kl-minus', action='store_true', help="the stpp preset's KL- loss (implies --stim)"),
+        _resolved('--stim-pp', action='store_true',
              help=f'the stpp preset (ST++): KL-, small inputs {PAPER_MIN_SCALE} and the stpp rule'),
-        Flag('--stim-subnets', type=int, within='[0, inf]', metavar='K', help='sub-networks per step (default 1)'),
-        Flag('--stim-rule', metavar='RULE',
+        _resolved('--stim-subnets', type=int, within='[0, inf]', metavar='K', help='sub-networks per step (default 1)'),
+        _resolved('--stim-rule', metavar='RULE',
              help='"uniform" (st preset default), "stpp" (stpp preset default) or max drops per stage "0,1,3,0"'),
-        Flag('--stim-small-input', type=float, nargs='?', const=PAPER_MIN_SCALE, within='(0, 1]', metavar='MIN_SCALE',
+        _resolved('--stim-small-input', type=float, nargs='?', const=PAPER_MIN_SCALE, within='(0, 1]', metavar='MIN_SCALE',
              help=f'smaller random sub-network inputs (default scale {PAPER_MIN_SCALE})'),
-        Flag('--stim-weight', type=float, default=1.0, within='[0, inf]', help='weight of the sub-network loss'),
-        Flag('--stim-temp', type=float, default=1.0, within='(0, inf]', help='KL temperature'),
-        Flag('--stim-amplitude', type=float, default=1.0, within='(0, inf]',
+        _resolved('--stim-weight', type=float, within='[0, inf]', help='weight of the sub-network loss'),
+        _resolved('--stim-temp', type=float, within='(0, inf]', help='KL temperature'),
+        _resolved('--stim-amplitude', type=float, within='(0, inf]',
              help='scale of the normalised logits (KL-)'),
-        Flag('--stim-norm-main', action='store_true', help='CE on normalised logits too'),
-        Flag('--stim-start-epoch', type=int, default=0, within='[0, inf]', metavar='E',
+        _resolved('--stim-norm-main', action='store_true', help='CE on normalised logits too'),
+        _resolved('--stim-start-epoch', type=int, within='[0, inf]', metavar='E',
              help='plain CE before epoch E (default 0: the sub-network loss from the first epoch, as the papers)'),
-        Flag('--stim-ramp-epochs', type=int, default=0, within='[0, inf]', metavar='E',
+        _resolved('--stim-ramp-epochs', type=int, within='[0, inf]', metavar='E',
              help='ramp the sub-network loss weight linearly from 0 to --stim-weight over E epochs (per update, '
                   'from --stim-start-epoch on); 0: full weight from the start'),
-        Flag('--stim-no-share-prefix', action='store_true',
+        _resolved('--stim-no-share-prefix', action='store_true',
              help='recompute every sub-network from the input (default: full-size sub-networks reuse the full '
                   "pass up to their first dropped block; same gradients, fewer FLOPs, the full pass's graph "
                   'kept until the last sub-network)'),

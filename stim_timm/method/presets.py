@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .inputs import PAPER_MIN_SCALE, check_min_scale
 
-__all__ = ['PRESETS', 'STIM_FLAGS', 'STIM_MODIFIERS', 'stim_enabled', 'preset_name', 'resolve_stim', 'start_epoch',
-           'describe_stim']
+__all__ = ['PRESETS', 'STIM_FLAGS', 'STIM_MODIFIERS', 'DEFAULTS', 'flag_name', 'stim_enabled', 'preset_name',
+           'resolve_stim', 'start_epoch', 'describe_stim']
 
 # The settings each preset stands for (the StimTask keyword arguments it fixes).
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -29,12 +29,14 @@ STIM_FLAGS: Dict[str, Any] = dict(stim=False, stim_kl_minus=False, stim_pp=False
 STIM_MODIFIERS: Dict[str, Any] = dict(
     stim_rule=None, stim_small_input=None, stim_weight=1.0, stim_temp=1.0, stim_amplitude=1.0,
     stim_norm_main=False, stim_start_epoch=0, stim_ramp_epochs=0, stim_no_share_prefix=False)
-_DEFAULTS: Dict[str, Any] = dict(STIM_FLAGS, **STIM_MODIFIERS, seed=42, warmup_epochs=5)  # timm's defaults
+# The defaults of every flag resolved here (seed: timm's), read by the command line's flag table
+# (``stim_timm.cli.train_args``) and taken by the keys a flag dict lacks.
+DEFAULTS: Dict[str, Any] = dict(STIM_FLAGS, **STIM_MODIFIERS, seed=42)
 _TITLES = {'st': 'stimulative training (ST, preset st)', 'stpp': 'ST++ (preset stpp)'}
 
 
 def _flags(flags: Mapping[str, Any]) -> Dict[str, Any]:
-    return {**_DEFAULTS, **{k: v for k, v in flags.items() if k in _DEFAULTS}}
+    return {**DEFAULTS, **{k: v for k, v in flags.items() if k in DEFAULTS}}
 
 
 def flag_name(dest: str) -> str:
