@@ -434,11 +434,8 @@ def check_hub(repo_id: str, flag: str, what: str = 'the push', offline: bool = T
     computes anything (the push commands leave HF_HUB_OFFLINE to huggingface_hub, which says so)."""
     try:
         validate_hub_repo_id(repo_id)
-    except HubError as e:
-        raise BadInput(f'{flag}: {one_line(e)}') from None
-    if offline and constants.HF_HUB_OFFLINE:
-        raise BadInput(f'{flag}: HF_HUB_OFFLINE is set, {what} would fail')
-    try:
+        if offline and constants.HF_HUB_OFFLINE:
+            raise BadInput(f'{flag}: HF_HUB_OFFLINE is set, {what} would fail')
         hub_token()
     except HubError as e:
         raise BadInput(f'{flag}: {one_line(e)}') from None
