@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 from huggingface_hub import constants
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
-from timm.data.readers.img_extensions import get_img_extensions
 from timm.layers import convert_splitbn_model, use_reentrant_ckpt
 from timm.models import clean_state_dict, load_state_dict
 
+from ..eval.classes import has_images
 from ..eval.evaluate import split_folder
 from ..method.inputs import SmallInput
 from ..method.sampling import rule_max_drops
@@ -326,14 +326,6 @@ def check_checkpoints(args, name: str, model: nn.Module) -> Optional[Dict[str, A
 
 
 # ---- files and folders ---------------------------------------------------------------------------
-def _has_image(folder: str) -> bool:
-    exts = get_img_extensions(as_set=True)
-    for _, _, files in os.walk(folder, followlinks=True):
-        if any(os.path.splitext(f)[1].lower() in exts for f in files):
-            return True
-    return False
-
-
 def check_data(args) -> None:
     """The data folder and its splits, as timm will resolve them (image folders only)."""
     if not args.data_dir and not args.dataset:
@@ -356,7 +348,7 @@ def check_data(args) -> None:
         raise BadInput(f"--train-split {args.train_split}: {root} has no '{args.train_split}' folder, and timm "
                        f"would train on {root} itself, the '{args.val_split}' images included")
     for split, folder in ((args.train_split, train), (args.val_split, val)):
-        if folder is not None and not _has_image(folder):
+        if folder is not None and not has_images(folder):
             raise BadInput(f'{split} split of {root}: no images in {folder}')
     if args.num_classes is not None and not args.class_map:
         classes = [e.name for e in os.scandir(train) if e.is_dir()]

@@ -9,18 +9,26 @@ from typing import Dict, List, Optional, Sequence
 
 from timm.data.readers.img_extensions import get_img_extensions
 
-__all__ = ['class_folder_problem', 'check_class_folders', 'split_class_map']
+__all__ = ['has_images', 'class_folder_problem', 'check_class_folders', 'split_class_map']
+
+
+def _find_image(folder: str, onerror=None) -> bool:
+    exts = get_img_extensions(as_set=True)
+    for _, _, files in os.walk(folder, followlinks=True, onerror=onerror):
+        if any(os.path.splitext(f)[1].lower() in exts for f in files):
+            return True
+    return False
+
+
+def has_images(folder: str) -> bool:
+    """Whether any file below ``folder`` has an image extension timm reads (unreadable parts skipped)."""
+    return _find_image(folder)
 
 
 def class_folder_problem(folder: str) -> Optional[str]:
     """Why a class folder gives no images (unreadable, or no image file anywhere in it), or None."""
-    exts = get_img_extensions(as_set=True)
     errors: List[OSError] = []
-    found = False
-    for _, _, files in os.walk(folder, followlinks=True, onerror=errors.append):
-        if any(os.path.splitext(f)[1].lower() in exts for f in files):
-            found = True
-            break
+    found = _find_image(folder, errors.append)
     if errors:
         e = errors[0]
         return f'class folder {e.filename or folder}: unreadable ({e.strerror or type(e).__name__})'
