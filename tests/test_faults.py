@@ -11,9 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import List
 
 import pytest
 import torch
@@ -22,30 +21,17 @@ from stim_timm.cli import export as export_cli
 from stim_timm.cli import convert as convert_cli
 from stim_timm.cli import push as push_cli
 from stim_timm.cli import train as train_cli
-from stim_timm.run import folder as folder_mod
-from stim_timm.run import io as io_mod
 from stim_timm.run.checkpoint import CheckpointError, read_torch_checkpoint, resolve_weights
 from stim_timm.run.folder import RunFolder
+from test_train_cli import _subset  # the small copy of the bundled images
 
-REPO = Path(__file__).resolve().parents[1]
-MINI = REPO / 'data' / 'cifar10-mini'
 FAST = ['--model', 'stim_resnet20_cifar', '--val-split', 'test', '-j', '0', '--log-interval', '50',
         '--warmup-epochs', '0', '--lr', '0.05', '-b', '8', '--stim-eval-subnets', '0']
 
 
-def _copy(root: Path, per_class: dict) -> Path:
-    for split, n in per_class.items():
-        for cls_dir in sorted((MINI / split).iterdir()):
-            dst = root / split / cls_dir.name
-            dst.mkdir(parents=True)
-            for img in sorted(cls_dir.iterdir())[:n]:
-                shutil.copy(img, dst / img.name)
-    return root
-
-
 @pytest.fixture(scope='module')
 def data(tmp_path_factory) -> Path:
-    return _copy(tmp_path_factory.mktemp('data'), {'train': 4, 'test': 2})
+    return _subset(tmp_path_factory.mktemp('data'), {'train': 4, 'test': 2})
 
 
 @pytest.fixture(scope='module')
