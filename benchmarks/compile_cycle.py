@@ -1,7 +1,7 @@
 """Dynamo's counters through full training cycles of a compiled StimTask (``StimTask.compile``,
 the path of ``stim-train --torchcompile`` and of timm's ``train.py``).
 
-    python benchmarks/compile_cycle.py [--model resnet20_cifar] [--backend eager] [--write]
+    python benchmarks/compile_cycle.py [--model resnet20_cifar] [--backend eager] [--write | --out PATH]
 
 A cycle, per input size (4 sizes): an ST step (full pass + 2 sub-network passes under
 ``keep_bn_stats``, backward), the same step under bf16 autocast, eval of the full network and of a
@@ -9,10 +9,9 @@ sub-network (``inference_mode``), and BN re-estimation of a sub-network. Warm-up
 cycles until 30 sub-networks never seen before have trained. Prints, per compiled module, its dynamo
 cache entries (compiled variants) against ``recompile_limit``, and the totals of frames, graphs,
 recompiles and eager fallbacks after warm-up. ``--write`` stores the table in
-``benchmarks/results/compile_cycle.md``.
+``benchmarks/results/compile_cycle.md`` (``--out PATH``: in PATH).
 """
-import argparse
-import os
+from typing import Optional, Sequence
 
 import timm
 import torch
@@ -24,7 +23,9 @@ from stim_timm import StimTask, make_stimulative
 from stim_timm.eval.bn import reestimate_bn
 from stim_timm.models.compile import compiled_modules
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'compile_cycle.md')
+import _common
+
+NAME = 'compile_cycle.md'
 SIDES = (32, 24, 16, 20)
 
 
@@ -32,15 +33,14 @@ def entries(fn) -> int:
     return len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    p = _common.parser(__doc__, NAME)
     p.add_argument('--model', default='resnet20_cifar')
     p.add_argument('--layers', default='4,4,4', help='blocks per stage of the CIFAR ResNet (63 sub-networks)')
     p.add_argument('--backend', default='eager', help="torch.compile backend ('eager': dynamo only, no toolchain)")
     p.add_argument('--batch', type=int, default=4)
     p.add_argument('--new-subnets', type=int, default=30)
-    p.add_argument('--write', action='store_true')
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     kwargs = dict(layers=tuple(int(v) for v in args.layers.split(','))) if 'cifar' in args.model else {}
     model = make_stimulative(timm.create_model(args.model, num_classes=10, **kwargs))
@@ -96,11 +96,8 @@ def main() -> None:
              '| module | entries |', '|---|---|']
     lines += [f'| {name} | {n} |' for name, n in per_module.items()]
     text = '\n'.join(lines) + '\n'
-    print(text)
-    if args.write:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, 'w') as f:
-            f.write(text)
+    _common.publish(text, args, NAME)
+    return text
 
 
 if __name__ == '__main__':

@@ -1,18 +1,18 @@
 """Compiled (``compile_stimulative``, inductor) vs eager training-step time on CPU, full network and
 sub-networks, plus dynamo's recompile counters while cycling sub-networks.
 
-    python benchmarks/compile_step.py [--model resnet20_cifar] [--side 32] [--batch 64] [--rounds 20]
+    python benchmarks/compile_step.py [--model resnet20_cifar] [--side 32] [--batch 64] [--rounds 20] [--write | --out PATH]
 
 Both models hold the same weights. Each round times one forward+backward of every row for eager and
 compiled, interleaved in one process (so both see the same machine load); rows: the full network,
 the stpp rule's smallest sub-network, and a random proper sub-network each round (a new one most
 rounds, which is where a whole-model compile would recompile). Reports the median and the
-interquartile range per row and writes ``benchmarks/results/compile_step.md`` with ``--write``.
+interquartile range per row and writes ``benchmarks/results/compile_step.md`` with ``--write`` (``--out
+PATH``: PATH).
 """
-import argparse
-import os
 import statistics
 import time
+from typing import Optional, Sequence
 
 import timm
 import torch
@@ -20,7 +20,9 @@ from torch._dynamo.utils import counters
 
 from stim_timm import SubnetSampler, compile_stimulative, make_stimulative
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'compile_step.md')
+import _common
+
+NAME = 'compile_step.md'
 
 
 def step_seconds(model, depths, x) -> float:
@@ -36,21 +38,21 @@ def quartiles(values):
     return q[1], q[0], q[2]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    p = _common.parser(__doc__, NAME)
     p.add_argument('--model', default='resnet20_cifar')
     p.add_argument('--side', type=int, default=32)
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--rounds', type=int, default=20)
     p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--write', action='store_true')
-    args = p.parse_args()
+    p.add_argument('--backend', default='inductor', help='torch.compile backend of the compiled model')
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     eager = make_stimulative(timm.create_model(args.model, num_classes=10)).train()
     compiled = make_stimulative(timm.create_model(args.model, num_classes=10)).train()
     compiled.load_state_dict(eager.state_dict())
-    compile_stimulative(compiled)
+    compile_stimulative(compiled, backend=args.backend)
     sampler = SubnetSampler.for_model(eager, 'uniform', seed=0)
     x = torch.randn(args.batch, 3, args.side, args.side)
     t0 = time.perf_counter()
@@ -88,11 +90,8 @@ def main() -> None:
               f'(dynamo counters; 0 and 0 mean no recompilation and no eager fallback).', '',
               'Timings vary with the machine and its load; compare the columns of one run, not across runs.']
     text = '\n'.join(lines) + '\n'
-    print(text)
-    if args.write:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, 'w') as f:
-            f.write(text)
+    _common.publish(text, args, NAME)
+    return text
 
 
 if __name__ == '__main__':

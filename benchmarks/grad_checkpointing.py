@@ -1,6 +1,6 @@
 """Gradient checkpointing vs the unchecked step under stimulative training, every family.
 
-    python benchmarks/grad_checkpointing.py [--families resnet,vit] [--write]
+    python benchmarks/grad_checkpointing.py [--families resnet,vit] [--write | --out PATH]
 
 For every supported family whose timm model has ``set_grad_checkpointing`` (tiny configs), timm's
 reentrant and non-reentrant checkpointing, and both StimTask modes:
@@ -16,17 +16,15 @@ buffers (BN running statistics) are bit-identical, and whether blocks skipped by
 gradient from that sub-network's pass (measured in ``backward_fn`` mode, where every pass has a
 backward of its own: the gradient added by sub-network k's backward on the blocks it skips; in the
 summed mode the passes share one backward and cannot be told apart). ``--write`` stores the table in
-``benchmarks/results/grad_checkpointing.md``. ``tests/test_checkpointing.py`` runs the same
+``benchmarks/results/grad_checkpointing.md`` (``--out PATH``: in PATH). ``tests/test_checkpointing.py`` runs the same
 comparison on a subset.
 """
-import argparse
 import copy
 import inspect
-import os
 import platform
 import time
 from contextlib import contextmanager
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import timm
 import torch
@@ -35,7 +33,9 @@ from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 
 from stim_timm import StimTask, SubnetSampler, make_stimulative
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'grad_checkpointing.md')
+import _common
+
+NAME = 'grad_checkpointing.md'
 _VIT = dict(img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2, dynamic_img_size=True)
 # family -> (timm name, tiny kwargs, input side, small input scale or None); each has set_grad_checkpointing
 FAMILIES = {
@@ -184,10 +184,9 @@ def compare(family: str, use_reentrant: bool, mode: str, rule: Optional[str] = N
                 shared_loss_equal=None if shared is None else torch.equal(loss0, shared[0]))
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    p = _common.parser(__doc__, NAME)
     p.add_argument('--families', default=','.join(FAMILIES))
-    p.add_argument('--write', action='store_true', help=f'store the table in {os.path.relpath(RESULTS)}')
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows, start = [], time.time()
@@ -236,11 +235,8 @@ def main(argv=None) -> None:
     worst = max((r['rel_error'] for r in rows if 'rel_error' in r), default=float('nan'))
     lines += ['', f'Largest rel. error: {worst:.1e}. Total time {time.time() - start:.0f} s.']
     text = '\n'.join(lines) + '\n'
-    print(text)
-    if args.write:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        with open(RESULTS, 'w') as f:
-            f.write(text)
+    _common.publish(text, args, NAME)
+    return text
 
 
 if __name__ == '__main__':

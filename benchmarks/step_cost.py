@@ -63,6 +63,8 @@ import torch.nn as nn
 import stim_timm
 from stim_timm.eval.flops import FlopTable
 
+import _common
+
 ROWS: Dict[str, dict] = {
     'plain CE': dict(num_subnets=0),
     'ST k=1': dict(num_subnets=1, rule='uniform'),  # shares the prefix (the default at full size)
@@ -375,9 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         with open(args.json, 'w') as f:
             json.dump(raw, f, indent=1)
     if args.write:
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'step_cost.md')
-        with open(out, 'w') as f:
-            f.write('# Step cost\n\n' + header + '\n\n' + text + '\n')
+        _common.write(_common.results_path('step_cost.md'), '# Step cost\n\n' + header + '\n\n' + text + '\n')
 
 
 if __name__ == '__main__':

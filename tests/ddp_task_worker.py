@@ -1,4 +1,5 @@
-"""Run by test_task.py under ``torch.distributed.run`` (2 gloo ranks): two StimTask steps with DDP.
+"""Run by test_task.py on 2 gloo ranks (forked, tests/forked_ranks.py; ``torch.distributed.run`` runs
+it as a script too): two StimTask steps with DDP.
 
 Each rank takes its half of a fixed global batch; rank 0 writes the final parameters of both step
 protocols (summed loss, ``backward_fn``).

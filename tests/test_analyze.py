@@ -3,8 +3,6 @@ import csv
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -23,6 +21,8 @@ from stim_timm.eval.evaluate import evaluate
 from stim_timm.run.checkpoint import atomic_save_safetensors
 from stim_timm.publish.export import export_subnet
 from stim_timm.eval.flops import count_flops, relative_flops, subnet_flops
+
+import clirun
 
 
 def _sha(path) -> str:
@@ -207,9 +207,8 @@ def test_cli_bare_weights_vit_with_model(tmp_path, mini_data):
 
 def test_cli_progress_bar_on_stderr(runs, mini_data, tmp_path):
     (base, _), _ = runs
-    res = subprocess.run([sys.executable, '-m', 'stim_timm.cli.analyze', base, '--data-dir', mini_data, '--subnets', '1',
-                          '--max-images', '16', '-b', '8', '-j', '0', '--out', str(tmp_path / 'o')],
-                         capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    res = clirun.run('analyze', [base, '--data-dir', mini_data, '--subnets', '1', '--max-images', '16', '-b', '8',
+                                 '-j', '0', '--out', tmp_path / 'o'], check=False)
     assert res.returncode == 0, res.stderr
     assert 'baseline' in res.stderr and '2/2' in res.stderr  # tqdm bar: label and batches
     assert 'Traceback' not in res.stderr and 'wrote' in res.stdout

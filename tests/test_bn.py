@@ -1,8 +1,5 @@
 """Per-sub-network BN re-estimation: biased batch statistics of exactly the sub-network's activations."""
 import json
-import os
-import subprocess
-import sys
 from contextlib import nullcontext
 
 import pytest
@@ -14,6 +11,8 @@ import stim_timm  # noqa: F401 (registers the stim models)
 from stim_timm.eval.bn import bn_layers, bn_state, reestimate_bn, subnet_bn
 from stim_timm.eval.evaluate import evaluate
 from stim_timm.run.engine import LoopConfig, calibration_batches, validate, validate_subnets
+
+import forked_ranks
 
 
 def model_and_batches():
@@ -154,35 +153,27 @@ def test_evaluate_tta_and_a_plain_model():
         evaluate(model, [])
 
 
-_DDP_WORKER = """
-import json, sys
-import timm, torch, torch.distributed as dist
-import stim_timm
-from stim_timm.eval.evaluate import evaluate
-dist.init_process_group('gloo')
-rank = dist.get_rank()
-torch.manual_seed(0)
-model = timm.create_model('stim_resnet20_cifar', num_classes=10).eval()
-g = torch.Generator().manual_seed(1)
-x, y = torch.randn(12, 3, 16, 16, generator=g), torch.randint(0, 10, (12,), generator=g)
-mine = [(x[:4], y[:4]), (x[4:6], y[4:6])] if rank == 0 else [(x[6:], y[6:])]
-res = evaluate(model, mine, [(1, 1, 1)], distributed=True)
-whole = evaluate(model, [(x, y)], [(1, 1, 1)])
-if rank == 0:
-    json.dump([[res[k], whole[k]] for k in (None, (1, 1, 1))], open(sys.argv[1], 'w'))
-dist.destroy_process_group()
-"""
+def _ddp_evaluate(out_path: str) -> None:
+    """A gloo rank (forked): its share of 12 images evaluated with ``distributed=True``, and all 12 alone."""
+    import torch.distributed as dist
+    dist.init_process_group('gloo')
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = timm.create_model('stim_resnet20_cifar', num_classes=10).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 3, 16, 16, generator=g), torch.randint(0, 10, (12,), generator=g)
+    mine = [(x[:4], y[:4]), (x[4:6], y[4:6])] if rank == 0 else [(x[6:], y[6:])]
+    res = evaluate(model, mine, [(1, 1, 1)], distributed=True)
+    whole = evaluate(model, [(x, y)], [(1, 1, 1)])
+    if rank == 0:
+        with open(out_path, 'w') as f:
+            json.dump([[res[k], whole[k]] for k in (None, (1, 1, 1))], f)
+    dist.destroy_process_group()
 
 
 def test_evaluate_sums_over_ddp_ranks(tmp_path):
-    worker, out = tmp_path / 'worker.py', tmp_path / 'out.json'
-    worker.write_text(_DDP_WORKER)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=repo)
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                           '--master_port', '29517', str(worker), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / 'out.json'
+    forked_ranks.run(_ddp_evaluate, str(out))  # 2 gloo ranks
     for ranks, whole in json.loads(out.read_text()):
         assert ranks['images'] == whole['images'] == 12
         for k in ('loss', 'top1', 'top5'):

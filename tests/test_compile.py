@@ -12,6 +12,8 @@ from torch._dynamo.utils import counters
 
 from stim_timm import SubnetSampler, compile_stimulative, make_stimulative
 
+import clirun
+
 
 @pytest.fixture(autouse=True, scope='module')
 def _one_thread():
@@ -21,6 +23,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """No compiled code or counters carried from one test (or file) to the next in this process."""
+    yield
+    torch._dynamo.reset()
+    counters.clear()
 
 
 def _snapshot():
@@ -83,10 +93,7 @@ def test_whole_model_compile_would_recompile_per_subnet():
 
 def test_train_stim_torchcompile(tmp_path):
     """--torchcompile on a stimulative model compiles block by block and trains (eager backend on CI)."""
-    import os
     import shutil
-    import subprocess
-    import sys
     from pathlib import Path
     repo = Path(__file__).resolve().parents[1]
     for split, n in (('train', 16), ('test', 4)):
@@ -94,11 +101,12 @@ def test_train_stim_torchcompile(tmp_path):
             (tmp_path / 'data' / split / cls).mkdir(parents=True)
             for img in sorted((repo / 'data' / 'cifar10-mini' / split / cls).iterdir())[:n]:
                 shutil.copy(img, tmp_path / 'data' / split / cls / img.name)
-    proc = subprocess.run(
-        [sys.executable, str(repo / 'train_stim.py'), str(tmp_path / 'data'), '--model', 'resnet20_cifar', '--stim-pp',
-         '--num-classes', '2', '--val-split', 'test', '--epochs', '1', '-j', '0', '-b', '16', '--lr', '0.01', '--warmup-epochs', '0',
-         '--torchcompile', 'eager', '--output', str(tmp_path / 'out'), '--experiment', 'run'],
-        cwd=repo, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
+    torch._dynamo.reset()
+    proc = clirun.run(
+        'train', [tmp_path / 'data', '--model', 'resnet20_cifar', '--stim-pp',
+                  '--num-classes', '2', '--val-split', 'test', '--epochs', '1', '-j', '0', '-b', '16', '--lr', '0.01',
+                  '--warmup-epochs', '0', '--torchcompile', 'eager', '--output', tmp_path / 'out', '--experiment', 'run'],
+        check=False, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'sub-network 1' in proc.stdout
 

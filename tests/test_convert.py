@@ -28,6 +28,8 @@ from stim_timm.models.official import (
 )
 from stim_timm.method.losses import official_probs
 
+import clirun
+
 KEYS_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'official_resnet50_keys.json')
 STATS = ('running_mean', 'running_var', 'num_batches_tracked')
 
@@ -381,9 +383,9 @@ def test_bad_inputs_one_line_exit_2_nothing_written(ckpt, resnet101, keys, tmp_p
         assert not out.exists() and captured.out == '', case
 
 
-def test_cli_subprocess_exit_code(tmp_path):
-    res = subprocess.run([sys.executable, '-m', 'stim_timm.cli.convert', str(tmp_path / 'nope.pth.tar'),
-                          str(tmp_path / 'o')], capture_output=True, text=True, timeout=120)
+def test_cli_module_exit_code(tmp_path):
+    """``python -m stim_timm.cli.convert`` (the module's own ``sys.exit(main())``), run in this process."""
+    res = clirun.run_module('convert', [tmp_path / 'nope.pth.tar', tmp_path / 'o'], check=False)
     assert res.returncode == 2 and res.stderr == f"error: {tmp_path / 'nope.pth.tar'}: no such file\n"
 
 

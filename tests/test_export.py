@@ -19,6 +19,8 @@ from stim_timm.run.checkpoint import atomic_save_safetensors
 from stim_timm.publish.export import export_subnet, needs_plugin, plain_architecture
 from stim_timm.cli.export import main
 
+import clirun
+
 
 def _perturb_bn(model: nn.Module) -> nn.Module:
     """Non-trivial BN statistics and affine weights, so a wrong block mapping cannot go unnoticed."""
@@ -184,9 +186,10 @@ def test_export_cli_errors_are_one_line(tmp_path, capsys, case):
         assert '--model' in err
 
 
-def test_export_cli_subprocess_exit_code(tmp_path):
-    res = subprocess.run([sys.executable, '-m', 'stim_timm.cli.export', str(tmp_path / 'missing'), '--depths', '1,1,1',
-                          '--out', str(tmp_path / 'o')], capture_output=True, text=True, timeout=120)
+def test_export_cli_module_exit_code(tmp_path):
+    """``python -m stim_timm.cli.export`` (the module's own ``sys.exit(main())``), run in this process."""
+    res = clirun.run_module('export', [tmp_path / 'missing', '--depths', '1,1,1', '--out', tmp_path / 'o'],
+                            check=False)
     assert res.returncode == 2 and res.stderr.count('\n') == 1 and 'Traceback' not in res.stderr
 
 

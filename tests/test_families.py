@@ -1,11 +1,8 @@
 """make_stimulative on every supported timm family: parity with plain timm, sub-network semantics,
 timm's model checks (forward, backward, forward_features/intermediates, features_only, grad
-checkpointing, torchscript, fx, default cfg), export, and a 2-step train_stim.py run each."""
+checkpointing, torchscript, fx, default cfg), export, and a 2-step stim-train run each (in-process)."""
 import copy
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,8 @@ from timm.models._features_fx import create_feature_extractor, get_graph_node_na
 
 import stim_timm
 from stim_timm import export_subnet, make_stimulative
+
+import clirun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -212,6 +211,15 @@ def test_state_dict_deepcopy_and_pickle_roundtrip(tmp_path):
     assert torch.equal(loaded(x), m(x))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as the command's own process had (OMP_NUM_THREADS=1): tiny models."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _subset(root: Path) -> Path:
     mini = REPO / 'data' / 'cifar10-mini'
     for split, n in (('train', 16), ('test', 4)):
@@ -225,18 +233,17 @@ def _subset(root: Path) -> Path:
 
 @pytest.mark.parametrize('family', ['resnet', 'cifar_resnet', 'resnetv2', 'convnext', 'regnet', 'efficientnet',
                                     'mobilenetv3', 'swin', 'vit', 'eva'])
-def test_train_stim_two_steps_with_a_plain_timm_name(family, tmp_path):
+def test_train_stim_two_steps_with_a_plain_timm_name(family, tmp_path, one_thread):
     name, kwargs, side, _ = FAMILIES[family]
     data = _subset(tmp_path / 'data')
     model_kwargs = [f'{k}={v}'.replace(' ', '') for k, v in kwargs.items() if k != 'img_size']
     # Swin runs at one size; ConvNeXt's unpadded downsampling needs sides that are multiples of 32
     small = {'swin': ['--stim-small-input', '1.0'], 'convnext': ['--stim-small-input', '0.5']}.get(family, [])
-    cmd = [sys.executable, str(REPO / 'train_stim.py'), str(data), '--model', name, '--stim-pp', *small,
-           '--img-size', str(side), '--num-classes', '2', '--val-split', 'test', '--epochs', '1', '-j', '0', '--warmup-epochs', '0',
-           '-b', '16', '--lr', '0.01', '--stim-eval-subnets', '1', '--output', str(tmp_path / 'out'),
-           '--experiment', 'run', *(['--model-kwargs', *model_kwargs] if model_kwargs else [])]
-    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    args = [data, '--model', name, '--stim-pp', *small,
+            '--img-size', side, '--num-classes', '2', '--val-split', 'test', '--epochs', '1', '-j', '0', '--warmup-epochs', '0',
+            '-b', '16', '--lr', '0.01', '--stim-eval-subnets', '1', '--output', tmp_path / 'out',
+            '--experiment', 'run', *(['--model-kwargs', *model_kwargs] if model_kwargs else [])]
+    proc = clirun.run('train', args, check=False, env=dict(HF_HUB_OFFLINE='1'), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'full network' in proc.stdout and 'sub-network 1' in proc.stdout
     assert (tmp_path / 'out' / 'run' / 'model.safetensors').exists()

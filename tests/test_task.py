@@ -2,7 +2,6 @@
 import copy
 import functools
 import os
-import subprocess
 import sys
 from contextlib import suppress
 from functools import partial
@@ -17,6 +16,8 @@ from timm.utils import NativeScaler
 import stim_timm
 from stim_timm import StimTask, kl, kl_minus, normalize_logits
 from stim_timm.run.engine import LoopConfig, train_one_epoch
+
+import forked_ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -198,6 +199,7 @@ def test_vit_step_with_small_inputs():
     assert model.pos_embed.grad is not None
 
 
+@forked_ranks.one_thread()  # the reference too: tiny tensors
 def test_ddp_two_ranks_match_averaged_single_process(tmp_path):
     """DDP, summed loss or a backward per pass: skipped blocks' gradients must be all-reduced once."""
     sys.path.insert(0, HERE)
@@ -206,13 +208,7 @@ def test_ddp_two_ranks_match_averaged_single_process(tmp_path):
     finally:
         sys.path.remove(HERE)
     out = tmp_path / 'ddp.pt'
-    env = dict(os.environ, OMP_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.path.dirname(HERE), os.environ.get('PYTHONPATH')])))
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
-         os.path.join(HERE, 'ddp_task_worker.py'), str(out)], env=env, capture_output=True, text=True,
-        timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    forked_ranks.run(worker.main, str(out))  # 2 gloo ranks
     ddp_runs = torch.load(out)
 
     # Reference: one process, the same two halves, gradients averaged by hand.
